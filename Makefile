@@ -1,0 +1,43 @@
+# Two commands from a fresh clone: `make demo` (the main job on bundled samples) and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SAMPLES := tests/data/dataloop
+OUT := out
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+## demo: convert the bundled Dataloop samples into Label Studio tasks and verify them frame by frame
+demo: $(VENV)/.installed
+	$(BIN)/dl2ls label-config $(SAMPLES)/video_tracker_webm_2024.json -o $(OUT)/label_config.xml
+	$(BIN)/dl2ls convert $(SAMPLES)/video_tracker_webm_2024.json $(SAMPLES)/image_segment_binary.json \
+		$(SAMPLES)/image_box_point_class.json -o $(OUT)/tasks.json --report $(OUT)/report.json
+	$(BIN)/dl2ls convert $(SAMPLES)/video_annotations_2019_list.json --fps 25 --width 1920 --height 1080 \
+		-o $(OUT)/tasks_2019.json
+	$(BIN)/dl2ls verify $(SAMPLES)/video_tracker_webm_2024.json $(OUT)/tasks.json
+	$(BIN)/dl2ls verify $(SAMPLES)/video_annotations_2019_list.json $(OUT)/tasks_2019.json \
+		--fps 25 --width 1920 --height 1080
+	@echo "Label Studio tasks: $(OUT)/tasks.json, $(OUT)/tasks_2019.json; report: $(OUT)/report.json"
+
+## test: set up and run the whole test suite
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+## bench: conversion speed against plain JSON parsing and against dtlpy
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/bench_convert.py
+
+clean:
+	rm -rf $(OUT) bench/data .pytest_cache

@@ -1,0 +1,319 @@
+"""One typed model of a Dataloop item, its annotations and their snapshots, validated on decode.
+
+Pure: bytes in, typed objects out. The item is decoded leniently (its annotations are kept raw)
+and every annotation is then decoded on its own, so one malformed annotation fails alone and the
+good ones around it still convert. Field names follow Dataloop's JSON; see
+`shared/reference/dataloop.md` for what each means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from dl2ls.report import InputError
+
+
+class Snapshot(msgspec.Struct):
+    """A stored frame of a video annotation (`metadata.system.snapshots_[i]`)."""
+
+    frame: int
+    label: str  # the SDK fails on the whole annotation without it; so do we, with a reason
+    data: Any = None
+    fixed: bool = False
+    objectVisible: bool = True
+    namedAttributes: dict[str, Any] | None = None
+    attributes: Any = None
+
+
+class ModelInfo(msgspec.Struct):
+    name: str | None = None
+    model_id: str | None = None
+    confidence: float | None = None
+
+
+class AnnotationSystem(msgspec.Struct):
+    frame: int = 0
+    endFrame: int | None = None
+    snapshots_: list[Snapshot] = []
+    attributes: dict[str, Any] | None = None
+    automated: bool | None = None
+    model: ModelInfo | None = None
+
+
+class AnnotationUser(msgspec.Struct):
+    model: ModelInfo | None = None
+
+
+class AnnotationMetadata(msgspec.Struct):
+    system: AnnotationSystem | None = None
+    user: AnnotationUser | None = None
+
+
+class Annotation(msgspec.Struct):
+    type: str
+    label: str
+    id: str | None = None
+    coordinates: Any = None
+    attributes: Any = None  # v1: a list of strings
+    metadata: AnnotationMetadata | None = None
+    source: str | None = None
+    description: str | None = None
+
+    @property
+    def system(self) -> AnnotationSystem:
+        md = self.metadata
+        return md.system if md is not None and md.system is not None else _EMPTY_SYSTEM
+
+    @property
+    def model(self) -> ModelInfo | None:
+        """The Dataloop model that produced this annotation, if any (user metadata wins)."""
+        md = self.metadata
+        if md is None:
+            return None
+        if md.user is not None and md.user.model is not None:
+            return md.user.model
+        return md.system.model if md.system is not None else None
+
+    @property
+    def is_timeline(self) -> bool:
+        s = self.system
+        return bool(s.snapshots_) or (s.endFrame or 0) > 0 or s.frame > 0
+
+
+_EMPTY_SYSTEM = AnnotationSystem()
+
+
+class Ffmpeg(msgspec.Struct):
+    width: Any = None
+    height: Any = None
+    nb_read_frames: Any = None
+    avg_frame_rate: Any = None
+
+
+class ItemSystem(msgspec.Struct):
+    mimetype: str | None = None
+    width: Any = None
+    height: Any = None
+    fps: Any = None
+    nb_frames: Any = None
+    duration: Any = None
+    ffmpeg: Ffmpeg | None = None
+
+
+class ItemMetadata(msgspec.Struct):
+    fps: Any = None
+    system: ItemSystem | None = None
+
+
+class Item(msgspec.Struct):
+    """An item JSON as exported (one file per item, or one element of an export array)."""
+
+    annotations: list[msgspec.Raw] = []
+    id: str | None = None
+    id_: str | None = msgspec.field(default=None, name="_id")
+    datasetId: str | None = None
+    dir: str | None = None
+    filename: str | None = None
+    name: str | None = None
+    stream: str | None = None
+    metadata: ItemMetadata | None = None
+
+
+_item_decoder = msgspec.json.Decoder(Item)
+_annotation_decoder = msgspec.json.Decoder(Annotation)
+_any_decoder = msgspec.json.Decoder()
+
+
+@dataclass(slots=True)
+class Media:
+    """What a Label Studio task needs to know about the media: size, and for video its clock."""
+
+    kind: str  # "video" | "image"
+    width: float | None
+    height: float | None
+    fps: float | None = None
+    frames_count: int | None = None
+    duration: float | None = None
+
+
+@dataclass(slots=True)
+class MediaDefaults:
+    """Fallbacks from the command line for items that do not carry their own metadata."""
+
+    fps: float | None = None
+    width: float | None = None
+    height: float | None = None
+
+
+def decode_json(data: bytes | memoryview, origin: str) -> Any:
+    """Decode a JSON document; NaN/Infinity (which Python's json writes) are accepted so that the
+    annotations holding them can be reported one by one instead of losing the whole file."""
+    if not len(data) or not bytes(data[:4096]).strip():
+        raise InputError(origin, None, "empty file")
+    try:
+        return _any_decoder.decode(data)
+    except msgspec.DecodeError as err:
+        try:
+            return json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError):
+            raise InputError(origin, None, f"not valid JSON ({_short(err)})") from None
+
+
+def decode_item(data: bytes | memoryview, origin: str) -> Item:
+    """Decode one item; the annotations stay raw until `decode_annotation`."""
+    try:
+        return _item_decoder.decode(data)
+    except msgspec.ValidationError as err:
+        raise InputError(origin, None, f"not a Dataloop item: {_short(err)}") from None
+    except msgspec.DecodeError:
+        doc = decode_json(data, origin)  # raises the precise JSON error, or tolerates NaN
+        return item_from_object(doc, origin)
+
+
+def item_from_object(doc: Any, origin: str) -> Item:
+    try:
+        return msgspec.convert(_raw_annotations(doc), Item)
+    except msgspec.ValidationError as err:
+        raise InputError(origin, None, f"not a Dataloop item: {_short(err)}") from None
+
+
+def _raw_annotations(doc: Any) -> Any:
+    """Re-encode annotations of an already-parsed item so that they decode one by one."""
+    if isinstance(doc, dict) and isinstance(doc.get("annotations"), list):
+        doc = dict(doc)
+        doc["annotations"] = [msgspec.Raw(_dumps(a)) for a in doc["annotations"]]
+    return doc
+
+
+def _dumps(obj: Any) -> bytes:
+    # json.dumps keeps NaN as the literal NaN, which decode_annotation then reports precisely
+    return json.dumps(obj).encode()
+
+
+def decode_annotation(raw: msgspec.Raw | bytes, origin: str, index: int) -> Annotation:
+    """Decode and validate one annotation; errors name the file and the annotation."""
+    try:
+        ann = _annotation_decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as err:
+        obj = None
+        try:
+            obj = json.loads(bytes(raw))
+        except ValueError:
+            pass
+        ann_id = _id_of(obj, index)
+        if isinstance(obj, dict):
+            try:
+                ann = msgspec.convert(obj, Annotation)
+            except msgspec.ValidationError as err2:
+                raise InputError(origin, ann_id, _short(err2)) from None
+        else:
+            raise InputError(origin, ann_id, _short(err)) from None
+    return ann
+
+
+def annotation_ref(ann: Annotation | None, index: int) -> str:
+    return ann.id if ann is not None and ann.id else f"#{index}"
+
+
+def _id_of(obj: Any, index: int) -> str:
+    if isinstance(obj, dict):
+        for key in ("id", "_id"):
+            if isinstance(obj.get(key), str):
+                return obj[key]
+    return f"#{index}"
+
+
+def _short(err: Exception) -> str:
+    return str(err).splitlines()[0][:300]
+
+
+# ---------------------------------------------------------------------------- item metadata
+
+
+def item_id(item: Item) -> str | None:
+    return item.id or item.id_
+
+
+def media_of(item: Item | None, annotations: list[Annotation], defaults: MediaDefaults, origin: str) -> Media:
+    """Decide whether the item is a video or an image and read its size and clock.
+
+    Metadata in the item wins; the command-line defaults fill what is missing. Missing size or fps
+    is an error for the whole item (no silent 25 fps as the SDK does)."""
+    md = item.metadata if item is not None else None
+    system = md.system if md is not None and md.system is not None else ItemSystem()
+    ff = system.ffmpeg or Ffmpeg()
+    mimetype = system.mimetype or ""
+    if mimetype.startswith("video/"):
+        kind = "video"
+    elif mimetype.startswith("image/"):
+        kind = "image"
+    elif any(a.is_timeline for a in annotations):
+        kind = "video"
+    else:
+        kind = "image"
+
+    width = _positive(system.width, "width", origin) or _positive(ff.width, "width", origin) or defaults.width
+    height = _positive(system.height, "height", origin) or _positive(ff.height, "height", origin) or defaults.height
+    if kind == "image":
+        return Media("image", width, height)
+
+    fps = (
+        _positive(md.fps if md else None, "fps", origin)
+        or _positive(system.fps, "fps", origin)
+        or _rate(ff.avg_frame_rate)
+        or defaults.fps
+    )
+    frames = _count(system.nb_frames) or _count(ff.nb_read_frames)
+    duration = _positive(system.duration, "duration", origin)
+    if frames is None and duration and fps:
+        frames = round(duration * fps)
+    if duration is None and frames and fps:
+        duration = frames / fps
+    return Media("video", width, height, fps, frames, duration)
+
+
+def require_media(media: Media, origin: str) -> None:
+    missing = []
+    if not media.width or not media.height:
+        missing.append("size (pass --width/--height)")
+    if media.kind == "video" and not media.fps:
+        missing.append("fps (pass --fps)")
+    if missing:
+        raise InputError(origin, None, f"{media.kind} item has no " + " and no ".join(missing))
+
+
+def _positive(value: Any, what: str, origin: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(origin, None, f"item {what} is not a number: {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise InputError(origin, None, f"item {what} must be a positive number, got {value!r}")
+    return number
+
+
+def _count(value: Any) -> int | None:
+    try:
+        number = int(float(value))
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def _rate(value: Any) -> float | None:
+    """ffprobe's "30000/1001"."""
+    if not isinstance(value, str) or "/" not in value:
+        return None
+    num, _, den = value.partition("/")
+    try:
+        rate = float(num) / float(den)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return rate if math.isfinite(rate) and rate > 0 else None

@@ -1,0 +1,272 @@
+"""What the Label Studio editor shows on each frame, and how that compares with Dataloop.
+
+The editor's rules (Label Studio 1.23, `web/libs/editor/src/regions/`):
+- `VideoRectangleRegion.getShape(frame)`: a keyframe on the frame is taken as is; before the first
+  keyframe nothing is drawn; after the last the last is held; in between x, y, width and height
+  are linear in the frame number and the rotation turns the short way round
+  (`utils/props.ts` `interpolateProp`, `normalizeAngle` into (-180, 180]).
+- `VideoRegion.isInLifespan(frame)`: the closest keyframe at or before the frame (before the
+  first, the first one) decides: visible iff it is `enabled`, and a disabled keyframe is still
+  visible on its own frame.
+- Timeline regions cover their 1-based inclusive ranges.
+This module is the reference `verify` and the tests use; it knows nothing of how the results were
+made. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dl2ls.tracks import EXACT_PX, ItemTracks, Track, bounding_boxes, box_corners, held_index
+
+
+def normalize_angle(a):
+    """The editor's normalizeAngle: any angle onto (-180, 180]."""
+    a = np.asarray(a, dtype=float)
+    r = np.mod(a + 180.0, 360.0) - 180.0
+    return np.where(r == -180.0, 180.0, r)
+
+
+def video_rectangle_at(sequence: list[dict], frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each 1-based frame: whether the region is drawn, and (x, y, width, height, rotation)
+    in percent/degrees (NaN where nothing is drawn)."""
+    frames = np.asarray(frames)
+    n = len(frames)
+    out = np.full((n, 5), np.nan)
+    if not sequence:
+        return np.zeros(n, bool), out
+    kf = np.array([k["frame"] for k in sequence])
+    if np.any(np.diff(kf) <= 0):
+        raise ValueError("sequence is not sorted by frame (the editor scans it in order)")
+    vals = np.array([[k["x"], k["y"], k["width"], k["height"], k.get("rotation", 0) or 0] for k in sequence], float)
+    enabled = np.array([bool(k.get("enabled", True)) for k in sequence])
+
+    prev = np.searchsorted(kf, frames, side="right") - 1  # last keyframe at or before
+    has_shape = prev >= 0
+    on_key = has_shape & (kf[np.clip(prev, 0, None)] == frames)
+    nxt = np.clip(prev + 1, 0, len(kf) - 1)
+    between = has_shape & ~on_key & (prev + 1 < len(kf))
+    held = has_shape & ~on_key & ~between
+
+    p = np.clip(prev, 0, None)
+    out[on_key] = vals[p[on_key]]
+    out[held] = vals[p[held]]
+    if between.any():
+        i0, i1 = p[between], nxt[between]
+        r = (frames[between] - kf[i0]) / (kf[i1] - kf[i0])
+        start, end = vals[i0], vals[i1]
+        lin = start[:, :4] + (end[:, :4] - start[:, :4]) * r[:, None]
+        d_angle = normalize_angle(end[:, 4] - start[:, 4])
+        rot = normalize_angle(start[:, 4] + d_angle * r)
+        out[between] = np.column_stack([lin, rot])
+
+    # lifespan: the closest keyframe at or before, else the first one
+    closest = np.where(has_shape, p, 0)
+    alive = enabled[closest] | (kf[closest] == frames)
+    drawn = has_shape & alive
+    out[~drawn] = np.nan
+    return drawn, out
+
+
+def ls_rect_corners(x_px, y_px, w_px, h_px, angle_deg) -> np.ndarray:
+    """Corners (n, 4, 2) of Label Studio rectangles, which turn about their top-left (x, y)."""
+    t = np.radians(angle_deg)
+    c, s = np.cos(t), np.sin(t)
+    dx = np.stack([np.zeros_like(w_px), w_px, w_px, np.zeros_like(w_px)], axis=-1)
+    dy = np.stack([np.zeros_like(h_px), np.zeros_like(h_px), h_px, h_px], axis=-1)
+    xs = x_px[:, None] + dx * c[:, None] - dy * s[:, None]
+    ys = y_px[:, None] + dx * s[:, None] + dy * c[:, None]
+    return np.stack([xs, ys], axis=-1)
+
+
+def timeline_at(value: dict, frames: np.ndarray) -> np.ndarray:
+    covered = np.zeros(len(frames), bool)
+    for rng in value.get("ranges", []):
+        covered |= (frames >= rng["start"]) & (frames <= rng["end"])
+    return covered
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+@dataclass
+class Mismatch:
+    annotation: str
+    frame: int | None  # 1-based Label Studio frame, None for images
+    what: str
+
+
+@dataclass
+class Verdict:
+    annotations: int = 0
+    frames: int = 0
+    max_error_px: float = 0.0
+    mismatches: list[Mismatch] = field(default_factory=list)
+    unchecked: dict[str, int] = field(default_factory=dict)  # type -> count (not comparable)
+
+    def ok(self, tolerance_px: float = 0.0) -> bool:
+        return not self.mismatches and self.max_error_px <= max(tolerance_px, EXACT_PX)
+
+    def merge(self, other: "Verdict") -> None:
+        self.annotations += other.annotations
+        self.frames += other.frames
+        self.max_error_px = max(self.max_error_px, other.max_error_px)
+        self.mismatches.extend(other.mismatches)
+        for k, v in other.unchecked.items():
+            self.unchecked[k] = self.unchecked.get(k, 0) + v
+
+
+def results_by_annotation(task: dict) -> dict[str, list[dict]]:
+    """Label-carrying results grouped by the Dataloop annotation id their id starts with."""
+    out: dict[str, list[dict]] = {}
+    for prediction in task.get("predictions", []):
+        for result in prediction.get("result", []):
+            rid = str(result.get("id", ""))
+            base = rid.split("_r", 1)[0] if "_r" in rid else rid
+            out.setdefault(base, []).append(result)
+    return out
+
+
+def compare_item(item: ItemTracks, task: dict, label_map: dict[str, str] | None = None,
+                 tolerance_px: float = 0.0, max_mismatches: int = 50) -> Verdict:
+    """Evaluate every result of the task as the editor would and compare, frame by frame, with
+    the Dataloop timeline of the annotation it came from."""
+    label_map = label_map or {}
+    verdict = Verdict()
+    grouped = results_by_annotation(task)
+    media = item.info.media
+    tol = max(tolerance_px, EXACT_PX)
+    for track in item.tracks:
+        results = grouped.get(track.annotation_id, [])
+        verdict.annotations += 1
+        if media.kind == "video":
+            _compare_video(track, results, media, label_map, tol, verdict)
+        else:
+            _compare_image(track, results, media, label_map, tol, verdict)
+        if len(verdict.mismatches) > max_mismatches:
+            break
+    return verdict
+
+
+def _truth(track: Track, frames0: np.ndarray, label_map: dict[str, str]):
+    inside = (frames0 >= track.start) & (frames0 <= track.end)
+    idx = held_index(track, np.clip(frames0, track.start, track.end))
+    visible = inside & track.visible[idx]
+    labels = np.array([label_map.get(lb, lb) for lb in track.labels], dtype=object)[idx]
+    return visible, labels, idx
+
+
+def _compare_video(track: Track, results: list[dict], media, label_map, tol, verdict: Verdict) -> None:
+    last = max(track.end + 1, (media.frames_count or 0) - 1)
+    frames0 = np.arange(0, last + 1)
+    frames1 = frames0 + 1
+    visible, labels, idx = _truth(track, frames0, label_map)
+    verdict.frames += len(frames0)
+    aid = track.annotation_id
+    if track.type == "class":
+        shown = np.zeros(len(frames0), bool)
+        shown_label = np.full(len(frames0), None, dtype=object)
+        for r in results:
+            if r.get("type") == "timelinelabels":
+                cover = timeline_at(r["value"], frames1)
+                _overlap(shown, cover, aid, frames1, verdict)
+                shown |= cover
+                shown_label[cover] = (r["value"].get("timelinelabels") or [None])[0]
+            elif r.get("type") == "choices":
+                verdict.unchecked["class as whole-video choice"] = verdict.unchecked.get("class as whole-video choice", 0) + 1
+                return
+        _report_frames(aid, frames1, visible, shown, labels, shown_label, verdict)
+        return
+    rects = [r for r in results if r.get("type") == "videorectangle"]
+    if not rects and track.type not in ("box", "note", "segment", "polyline", "point", "ellipse"):
+        verdict.unchecked[track.type] = verdict.unchecked.get(track.type, 0) + 1
+        return
+    W, H = media.width, media.height
+    shown = np.zeros(len(frames0), bool)
+    shown_label = np.full(len(frames0), None, dtype=object)
+    corners = np.full((len(frames0), 4, 2), np.nan)
+    for r in rects:
+        try:
+            drawn, vals = video_rectangle_at(r["value"].get("sequence", []), frames1)
+        except (ValueError, KeyError, TypeError) as err:
+            verdict.mismatches.append(Mismatch(aid, None, f"region {r.get('id')}: {err}"))
+            continue
+        _overlap(shown, drawn, aid, frames1, verdict)
+        shown |= drawn
+        shown_label[drawn] = (r["value"].get("labels") or [None])[0]
+        v = vals[drawn]
+        corners[drawn] = ls_rect_corners(v[:, 0] * W / 100, v[:, 1] * H / 100, v[:, 2] * W / 100,
+                                         v[:, 3] * H / 100, v[:, 4])
+    _report_frames(aid, frames1, visible, shown, labels, shown_label, verdict)
+    both = visible & shown
+    if both.any():
+        boxes = bounding_boxes(track)[idx[both]]
+        x1, y1, x2, y2, angle = boxes.T
+        expected = box_corners((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, angle)
+        err = np.abs(corners[both] - expected).max(axis=(1, 2))
+        verdict.max_error_px = max(verdict.max_error_px, float(err.max()))
+        for k in np.flatnonzero(err > tol)[:3]:
+            verdict.mismatches.append(Mismatch(aid, int(frames1[both][k]), f"box off by {err[k]:.4f} px"))
+
+
+def _overlap(shown, drawn, aid, frames1, verdict) -> None:
+    both = shown & drawn
+    if both.any():
+        verdict.mismatches.append(Mismatch(aid, int(frames1[np.argmax(both)]), "two regions drawn on one frame"))
+
+
+def _report_frames(aid, frames1, visible, shown, labels, shown_label, verdict: Verdict) -> None:
+    for k in np.flatnonzero(visible & ~shown)[:3]:
+        verdict.mismatches.append(Mismatch(aid, int(frames1[k]), "visible in Dataloop, not drawn in Label Studio"))
+    for k in np.flatnonzero(~visible & shown)[:3]:
+        verdict.mismatches.append(Mismatch(aid, int(frames1[k]), "drawn in Label Studio, hidden in Dataloop"))
+    both = visible & shown
+    wrong = np.flatnonzero(both & (labels != shown_label))
+    for k in wrong[:3]:
+        verdict.mismatches.append(Mismatch(aid, int(frames1[k]), f"label {shown_label[k]!r}, Dataloop {labels[k]!r}"))
+
+
+def _compare_image(track: Track, results: list[dict], media, label_map, tol, verdict: Verdict) -> None:
+    aid = track.annotation_id
+    label = label_map.get(track.labels[0], track.labels[0])
+    main = [r for r in results if r.get("type") in (
+        "rectanglelabels", "polygonlabels", "keypointlabels", "ellipselabels", "brushlabels", "choices")]
+    verdict.frames += 1
+    if not main:
+        verdict.mismatches.append(Mismatch(aid, None, "not in Label Studio"))
+        return
+    r = main[0]
+    kind, value = r["type"], r["value"]
+    shown_label = (value.get(kind) or [None])[0]
+    if shown_label != label:
+        verdict.mismatches.append(Mismatch(aid, None, f"label {shown_label!r}, Dataloop {label!r}"))
+    W, H = media.width, media.height
+    err = None
+    if kind == "rectanglelabels":
+        got = ls_rect_corners(np.array([value["x"] * W / 100]), np.array([value["y"] * H / 100]),
+                              np.array([value["width"] * W / 100]), np.array([value["height"] * H / 100]),
+                              np.array([value.get("rotation", 0)]))[0]
+        x1, y1, x2, y2, angle = bounding_boxes(track)[0]
+        want = box_corners(np.array((x1 + x2) / 2), np.array((y1 + y2) / 2), np.array(x2 - x1), np.array(y2 - y1),
+                           np.array(angle))
+        err = float(np.abs(got - want).max())
+    elif kind == "polygonlabels" and track.type == "segment":
+        got = np.array(value["points"], float) * [W / 100, H / 100]
+        want = track.geometry[0]
+        err = float(np.abs(got - want).max()) if got.shape == want.shape else np.inf
+    elif kind == "keypointlabels":
+        err = float(np.abs(np.array([value["x"] * W / 100, value["y"] * H / 100]) - track.geometry[0]).max())
+    elif kind == "ellipselabels":
+        got = np.array([value["x"] * W / 100, value["y"] * H / 100, value["radiusX"] * W / 100,
+                        value["radiusY"] * H / 100])
+        err = float(np.abs(got - track.geometry[0][:4]).max())
+        d_angle = abs(float(normalize_angle(value.get("rotation", 0) - track.geometry[0][4])))
+        err = max(err, np.radians(d_angle) * max(track.geometry[0][2], track.geometry[0][3]))
+    else:
+        verdict.unchecked[kind] = verdict.unchecked.get(kind, 0) + 1
+    if err is not None:
+        verdict.max_error_px = max(verdict.max_error_px, err)
+        if err > tol:
+            verdict.mismatches.append(Mismatch(aid, None, f"{kind} off by {err:.4f} px"))

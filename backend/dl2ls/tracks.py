@@ -1,0 +1,399 @@
+"""The neutral middle: a Dataloop annotation as a track over frames, and the keyframe rule.
+
+A `Track` holds the frames Dataloop stored for one annotation (sorted, 0-based) and, per stored
+frame, its geometry in pixels, label, visibility and attributes. What Dataloop means on any frame
+is decided here, in one place (`held_index`): the nearest stored frame at or before it, exactly as
+Dataloop's SDK reflects frames (`dtlpy/entities/reflect_dict.py`). An image annotation is a track
+of one frame.
+
+`keyframes` is the other rule that lives here: the fewest frames from which linear interpolation
+reproduces a dense per-frame signal within a tolerance.
+
+Pure: no I/O. Imports the Dataloop model, never the Label Studio side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dl2ls.dataloop.model import (
+    Annotation, Item, Media, MediaDefaults, annotation_ref, decode_annotation, item_id, media_of, require_media,
+)
+from dl2ls.report import InputError
+
+#: What "exact" means: every frame within a thousandth of a pixel (floats, not luck).
+EXACT_PX = 1e-3
+
+#: Coordinates further than this from the frame (in frame sizes) are not a plausible annotation.
+ABSURD_FACTOR = 100.0
+
+#: Geometry kinds that have a position on the frame (`class` has none, `binary` is a raster).
+SPATIAL = ("box", "note", "segment", "polyline", "point", "ellipse")
+
+
+@dataclass(slots=True)
+class Track:
+    annotation_id: str
+    type: str  # the Dataloop annotation type
+    frames: np.ndarray  # (m,) int64 stored frames, sorted, unique, 0-based
+    geometry: Any  # per stored frame, see `_parse_geometry`
+    labels: list[str]  # per stored frame
+    visible: np.ndarray  # (m,) bool per stored frame
+    attributes: list[Any]  # per stored frame: a dict (v2 namedAttributes) or a list (v1)
+    end: int  # last frame, inclusive
+    model: str | None = None  # the Dataloop model's name, for model annotations
+    model_id: str | None = None
+    confidence: float | None = None
+    description: str | None = None
+
+    @property
+    def start(self) -> int:
+        return int(self.frames[0])
+
+
+@dataclass(slots=True)
+class Run:
+    """Frames of a track that show one label, as inclusive visible ranges of 0-based frames."""
+
+    label: str
+    ranges: list[tuple[int, int]]
+    first_index: int  # the stored frame in force on the run's first visible frame
+
+
+# ----------------------------------------------------------------------------- from Dataloop
+
+
+def from_dataloop(ann: Annotation, ann_id: str, media: Media, origin: str) -> Track:
+    """Build the track of one annotation; raises InputError naming the annotation when it is bad."""
+    system = ann.system
+    model = ann.model
+    first_attrs = system.attributes if system.attributes is not None else ann.attributes
+    if media.kind == "video":
+        # the top-level geometry is the first frame's; a snapshot at that frame replaces it
+        stored: dict[int, tuple[Any, str, bool, Any]] = {
+            system.frame: (ann.coordinates, ann.label, True, first_attrs)
+        }
+        for snap in system.snapshots_:
+            attrs = snap.namedAttributes if snap.namedAttributes is not None else snap.attributes
+            stored[snap.frame] = (snap.data, snap.label, snap.objectVisible, attrs)
+        frames = sorted(stored)
+        if frames[0] < 0:
+            raise InputError(origin, ann_id, f"negative frame {frames[0]}")
+        end = max(frames[-1], system.endFrame or 0)
+        entries = [stored[f] for f in frames]
+    else:
+        frames, end = [0], 0
+        entries = [(ann.coordinates, ann.label, True, first_attrs)]
+
+    confidence = model.confidence if model is not None else None
+    if confidence is not None and not (0.0 <= confidence <= 1.0):
+        raise InputError(origin, ann_id, f"model confidence {confidence!r} is not in 0..1")
+    geometry = _parse_geometry(ann.type, [e[0] for e in entries], frames, media, origin, ann_id)
+    return Track(
+        annotation_id=ann_id,
+        type=ann.type,
+        frames=np.asarray(frames, dtype=np.int64),
+        geometry=geometry,
+        labels=[e[1] for e in entries],
+        visible=np.fromiter((e[2] for e in entries), dtype=bool, count=len(entries)),
+        attributes=[e[3] for e in entries],
+        end=int(end),
+        model=model.name if model is not None else None,
+        model_id=model.model_id if model is not None else None,
+        confidence=confidence,
+        description=ann.description,
+    )
+
+
+def _parse_geometry(type_: str, coords: list[Any], frames: list[int], media: Media, origin: str, ann_id: str):
+    """Geometry per stored frame, in pixels of the original frame:
+    box/note: (m, 5) x1, y1, x2, y2, angle (degrees clockwise about the centre, in [0, 360));
+    ellipse: (m, 5) cx, cy, rx, ry, angle; point: (m, 2); segment/polyline: a list of (k, 2) arrays;
+    class: None; binary: a list of PNG data URLs."""
+    try:
+        if type_ in ("box", "note"):
+            rows = [_box_row(c["box"] if type_ == "note" else c) for c in coords]
+            geo = _numeric(rows)
+            x1, x2 = np.minimum(geo[:, 0], geo[:, 2]), np.maximum(geo[:, 0], geo[:, 2])
+            y1, y2 = np.minimum(geo[:, 1], geo[:, 3]), np.maximum(geo[:, 1], geo[:, 3])
+            geo = np.column_stack([x1, y1, x2, y2, np.mod(geo[:, 4], 360.0)])
+        elif type_ == "ellipse":
+            geo = _numeric([(c["center"]["x"], c["center"]["y"], c["rx"], c["ry"], c.get("angle") or 0)
+                            for c in coords])
+            geo[:, 4] = np.mod(geo[:, 4], 360.0)
+        elif type_ == "point":
+            geo = _numeric([(c["x"], c["y"]) for c in coords])
+        elif type_ in ("segment", "polyline"):
+            geo = []
+            for c in coords:
+                ring = c[0] if c and isinstance(c[0], list) else c  # dtlpy reads the first ring
+                points = _numeric([(p["x"], p["y"]) for p in ring])
+                if len(points) < 2:
+                    raise ValueError("fewer than 2 points")
+                geo.append(points)
+        elif type_ == "class":
+            return None
+        elif type_ == "binary":
+            geo = []
+            for c in coords:
+                url = c.get("data") if isinstance(c, dict) else c
+                if not isinstance(url, str) or not url.startswith("data:image/png;base64,"):
+                    raise ValueError("mask is not a PNG data URL")
+                geo.append(url)
+            return geo
+        else:
+            return None  # unknown types are skipped by the mapper with a reason
+    except InputError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        frame = frames[min(len(frames) - 1, _bad_index(type_, coords))] if frames else 0
+        where = f" at frame {frame}" if media.kind == "video" else ""
+        raise InputError(origin, ann_id, f"bad {type_} coordinates{where}: {_why(err)}") from None
+
+    _check_plausible(geo, type_, frames, media, origin, ann_id)
+    return geo
+
+
+def _box_row(c: Any) -> tuple:
+    p1, p2 = c[0], c[1]
+    angle = c[2] if len(c) > 2 and isinstance(c[2], (int, float)) and not isinstance(c[2], bool) else 0
+    return (p1["x"], p1["y"], p2["x"], p2["y"], angle)
+
+
+def _numeric(rows: list[tuple]) -> np.ndarray:
+    if not rows:
+        raise ValueError("no points")
+    arr = np.array(rows)
+    if arr.dtype.kind not in "fiu" or arr.ndim != 2:
+        raise ValueError("coordinates must be numbers")
+    return arr.astype(np.float64, copy=False)
+
+
+def _bad_index(type_: str, coords: list[Any]) -> int:
+    """Which stored frame held the bad geometry (for the error message)."""
+    for i, c in enumerate(coords):
+        try:
+            _parse_geometry(type_, [c], [0], Media("image", None, None), "", "")
+        except InputError:
+            return i
+    return 0
+
+
+def _why(err: Exception) -> str:
+    if isinstance(err, KeyError):
+        return f"missing {err.args[0]!r}"
+    return str(err) or type(err).__name__
+
+
+def _check_plausible(geo, type_: str, frames: list[int], media: Media, origin: str, ann_id: str) -> None:
+    arrays = geo if isinstance(geo, list) else [geo]
+    limit = ABSURD_FACTOR * max(media.width or 0, media.height or 0, 1000.0)
+    for i, arr in enumerate(arrays):
+        bad = ~np.isfinite(arr)
+        what = "NaN or infinite"
+        if not bad.any():
+            bad = np.abs(arr) > limit
+            what = f"absurd (beyond {limit:g} px)"
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0]) if not isinstance(geo, list) else i
+            frame = frames[row] if row < len(frames) else frames[-1]
+            where = f" at frame {frame}" if media.kind == "video" else ""
+            raise InputError(origin, ann_id, f"{type_} coordinate{where} is {what}")
+
+
+# ----------------------------------------------------------------------------- what a frame shows
+
+
+def held_index(track: Track, frames: np.ndarray) -> np.ndarray:
+    """The stored frame in force on each frame: the nearest one at or before it.
+
+    This is Dataloop's rule for frames without a snapshot ("reflected" frames): they repeat the
+    nearest earlier stored frame's geometry, label, attributes and visibility; nothing is
+    interpolated. Frames must lie within [track.start, track.end]."""
+    return np.searchsorted(track.frames, frames, side="right") - 1
+
+
+def runs(track: Track) -> list[Run]:
+    """Split a track's visible frames where the label changes (Label Studio regions carry one
+    label), each run as inclusive ranges of visible frames; hidden frames are left out."""
+    dense = np.arange(track.start, track.end + 1)
+    idx = held_index(track, dense)
+    vis = track.visible[idx]
+    if not vis.any():
+        return []
+    codes = {label: i for i, label in enumerate(dict.fromkeys(track.labels))}
+    label_code = np.fromiter((codes[label] for label in track.labels), dtype=np.int64, count=len(track.labels))
+    vis_frames = dense[vis]
+    vis_idx = idx[vis]
+    vis_labels = label_code[vis_idx]
+    cuts = np.flatnonzero(np.diff(vis_labels)) + 1
+    out = []
+    for part_frames, part_idx in zip(np.split(vis_frames, cuts), np.split(vis_idx, cuts)):
+        gaps = np.flatnonzero(np.diff(part_frames) > 1)
+        starts = np.concatenate([[part_frames[0]], part_frames[gaps + 1]])
+        ends = np.concatenate([part_frames[gaps], [part_frames[-1]]])
+        out.append(Run(
+            label=track.labels[int(part_idx[0])],
+            ranges=[(int(a), int(b)) for a, b in zip(starts, ends)],
+            first_index=int(part_idx[0]),
+        ))
+    return out
+
+
+# ----------------------------------------------------------------------------- geometry helpers
+
+
+def bounding_boxes(track: Track) -> np.ndarray:
+    """(m, 5) boxes x1, y1, x2, y2, angle per stored frame. Exact for `box`/`note`; for the other
+    spatial types the axis-aligned bounding box (the caller reports the approximation)."""
+    geo = track.geometry
+    if track.type in ("box", "note"):
+        return geo
+    if track.type == "ellipse":
+        cx, cy, rx, ry, angle = geo.T
+        t = np.radians(angle)
+        ex = np.hypot(rx * np.cos(t), ry * np.sin(t))
+        ey = np.hypot(rx * np.sin(t), ry * np.cos(t))
+        return np.column_stack([cx - ex, cy - ey, cx + ex, cy + ey, np.zeros_like(cx)])
+    if track.type == "point":
+        # a point has no extent; a one-pixel box centred on it keeps it visible
+        x, y = geo.T
+        return np.column_stack([x - 0.5, y - 0.5, x + 0.5, y + 0.5, np.zeros_like(x)])
+    if track.type in ("segment", "polyline"):
+        return np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max(), 0.0] for p in geo])
+    raise ValueError(f"{track.type} has no bounding box")
+
+
+def box_corners(cx, cy, w, h, angle_deg) -> np.ndarray:
+    """Corners (..., 4, 2) of boxes centred at (cx, cy), turned clockwise on screen about their
+    centre (y points down, so clockwise is the positive angle of the usual rotation matrix)."""
+    t = np.radians(angle_deg)
+    c, s = np.cos(t), np.sin(t)
+    dx = np.stack([-w / 2, w / 2, w / 2, -w / 2], axis=-1)
+    dy = np.stack([-h / 2, -h / 2, h / 2, h / 2], axis=-1)
+    xs = cx[..., None] + dx * c[..., None] - dy * s[..., None]
+    ys = cy[..., None] + dx * s[..., None] + dy * c[..., None]
+    return np.stack([xs, ys], axis=-1)
+
+
+# ----------------------------------------------------------------------------- keyframes
+
+
+def keyframes(values: np.ndarray, tol: np.ndarray, max_step: np.ndarray | None = None,
+              lossy: bool = False) -> tuple[np.ndarray, float]:
+    """The fewest frames from which piecewise-linear interpolation reproduces `values`.
+
+    `values` is (n, k): one row per consecutive frame, one column per interpolated quantity;
+    `tol` is the allowed error per column; `max_step` (per column, inf where unbounded) forbids a
+    segment whose end values differ by that much or more (an angle interpolated the short way round
+    must not turn half a turn). Returns (row indices of the keyframes, the largest error of
+    column 0..3 introduced, in the columns' unit).
+
+    Exact data: a frame must be a keyframe iff the slope changes there (the second difference is
+    not zero), which finds the minimal set in one vectorised pass; a verification pass then adds
+    frames wherever small slope changes would otherwise add up beyond `tol`. Lossy (`lossy=True`):
+    Douglas-Peucker refinement from the two ends."""
+    n = len(values)
+    if n <= 2:
+        return np.arange(n), 0.0
+    if lossy:
+        keys = np.array([0, n - 1])
+    else:
+        d2 = np.abs(np.diff(values, n=2, axis=0))
+        bends = np.flatnonzero((d2 > tol * 1e-3).any(axis=1)) + 1
+        keys = np.concatenate([[0], bends, [n - 1]])
+    rows = np.arange(n)
+    while True:
+        interp = np.empty_like(values)
+        for col in range(values.shape[1]):
+            interp[:, col] = np.interp(rows, keys, values[keys, col])
+        err = np.abs(interp - values)
+        excess = (err / tol).max(axis=1)
+        add = []
+        if (excess > 1.0).any():
+            seg = np.searchsorted(keys, rows, side="right") - 1
+            bad = np.flatnonzero(excess > 1.0)
+            # the worst frame of each offending segment becomes a keyframe
+            order = np.lexsort((-excess[bad], seg[bad]))
+            bad_sorted = bad[order]
+            first = np.concatenate([[True], np.diff(seg[bad_sorted]) != 0])
+            add.extend(bad_sorted[first].tolist())
+        if max_step is not None:
+            jumps = np.abs(np.diff(values[keys], axis=0)) >= max_step
+            for i in np.flatnonzero(jumps.any(axis=1)):
+                a, b = int(keys[i]), int(keys[i + 1])
+                if b - a > 1:
+                    add.append((a + b) // 2)
+        if not add:
+            return keys, float(err[:, :4].max()) if values.shape[1] else 0.0
+        keys = np.union1d(keys, np.asarray(add, dtype=keys.dtype))
+
+
+def angle_tolerance_deg(tol_px: float, half_diagonal_px: float) -> float:
+    """An angle error that moves a corner no more than tol_px."""
+    return math.degrees(tol_px / max(half_diagonal_px, 1.0))
+
+
+# ----------------------------------------------------------------------------- a whole item
+
+
+@dataclass(slots=True)
+class ItemInfo:
+    """What the Label Studio side needs of a Dataloop item besides its tracks."""
+
+    origin: str  # the file (or zip entry) it came from
+    item_id: str | None
+    dataset_id: str | None
+    name: str | None
+    filename: str | None
+    dir: str | None
+    stream: str | None
+    media: Media
+
+
+@dataclass(slots=True)
+class ItemTracks:
+    info: ItemInfo
+    tracks: list[Track]
+    failures: list[tuple[str, str, str]]  # (dataloop type, annotation ref, reason)
+    stored_frames: int = 0
+
+
+def item_tracks(item: Item, origin: str, defaults: MediaDefaults) -> ItemTracks:
+    """Decode every annotation of an item and build its tracks. A bad annotation is recorded as a
+    failure and the others still convert; a bad item (no size, no fps) raises InputError."""
+    decoded: list[tuple[int, Annotation]] = []
+    failures: list[tuple[str, str, str]] = []
+    for index, raw in enumerate(item.annotations):
+        try:
+            decoded.append((index, decode_annotation(raw, origin, index)))
+        except InputError as err:
+            failures.append((_type_of(raw), err.annotation or f"#{index}", err.reason))
+    media = media_of(item, [a for _, a in decoded], defaults, origin)
+    require_media(media, origin)
+    tracks, stored = [], 0
+    for index, ann in decoded:
+        ref = annotation_ref(ann, index)
+        try:
+            track = from_dataloop(ann, ref, media, origin)
+        except InputError as err:
+            failures.append((ann.type, ref, err.reason))
+            continue
+        tracks.append(track)
+        stored += len(track.frames)
+    name = item.name or (item.filename.rsplit("/", 1)[-1] if item.filename else None)
+    info = ItemInfo(origin, item_id(item), item.datasetId, name, item.filename, item.dir, item.stream, media)
+    return ItemTracks(info, tracks, failures, stored)
+
+
+def _type_of(raw: Any) -> str:
+    try:
+        obj = json.loads(bytes(raw))
+        return str(obj.get("type") or "unknown") if isinstance(obj, dict) else "unknown"
+    except ValueError:
+        return "unknown"
