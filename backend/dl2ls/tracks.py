@@ -114,49 +114,52 @@ def _parse_geometry(type_: str, coords: list[Any], frames: list[int], media: Med
     """Geometry per stored frame, in pixels of the original frame:
     box/note: (m, 5) x1, y1, x2, y2, angle (degrees clockwise about the centre, in [0, 360));
     ellipse: (m, 5) cx, cy, rx, ry, angle; point: (m, 2); segment/polyline: a list of (k, 2) arrays;
-    class: None; binary: a list of PNG data URLs."""
+    class and unknown types: None; binary: a list of PNG data URLs."""
     try:
-        if type_ in ("box", "note"):
-            rows = [_box_row(c["box"] if type_ == "note" else c) for c in coords]
-            geo = _numeric(rows)
-            x1, x2 = np.minimum(geo[:, 0], geo[:, 2]), np.maximum(geo[:, 0], geo[:, 2])
-            y1, y2 = np.minimum(geo[:, 1], geo[:, 3]), np.maximum(geo[:, 1], geo[:, 3])
-            geo = np.column_stack([x1, y1, x2, y2, np.mod(geo[:, 4], 360.0)])
-        elif type_ == "ellipse":
-            geo = _numeric([(c["center"]["x"], c["center"]["y"], c["rx"], c["ry"], c.get("angle") or 0)
-                            for c in coords])
-            geo[:, 4] = np.mod(geo[:, 4], 360.0)
-        elif type_ == "point":
-            geo = _numeric([(c["x"], c["y"]) for c in coords])
-        elif type_ in ("segment", "polyline"):
-            geo = []
-            for c in coords:
-                ring = c[0] if c and isinstance(c[0], list) else c  # dtlpy reads the first ring
-                points = _numeric([(p["x"], p["y"]) for p in ring])
-                if len(points) < 2:
-                    raise ValueError("fewer than 2 points")
-                geo.append(points)
-        elif type_ == "class":
-            return None
-        elif type_ == "binary":
-            geo = []
-            for c in coords:
-                url = c.get("data") if isinstance(c, dict) else c
-                if not isinstance(url, str) or not url.startswith("data:image/png;base64,"):
-                    raise ValueError("mask is not a PNG data URL")
-                geo.append(url)
-            return geo
-        else:
-            return None  # unknown types are skipped by the mapper with a reason
-    except InputError:
-        raise
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
-        frame = frames[min(len(frames) - 1, _bad_index(type_, coords))] if frames else 0
+        geo = _geometry(type_, coords)
+    except _BAD_SHAPE as err:
+        frame = frames[_bad_index(type_, coords)]
         where = f" at frame {frame}" if media.kind == "video" else ""
         raise InputError(origin, ann_id, f"bad {type_} coordinates{where}: {_why(err)}") from None
-
-    _check_plausible(geo, type_, frames, media, origin, ann_id)
+    if type_ in SPATIAL:
+        _check_plausible(geo, type_, frames, media, origin, ann_id)
     return geo
+
+
+_BAD_SHAPE = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+
+def _geometry(type_: str, coords: list[Any]):
+    if type_ in ("box", "note"):
+        geo = _numeric([_box_row(c["box"] if type_ == "note" else c) for c in coords])
+        x1, x2 = np.minimum(geo[:, 0], geo[:, 2]), np.maximum(geo[:, 0], geo[:, 2])
+        y1, y2 = np.minimum(geo[:, 1], geo[:, 3]), np.maximum(geo[:, 1], geo[:, 3])
+        return np.column_stack([x1, y1, x2, y2, np.mod(geo[:, 4], 360.0)])
+    if type_ == "ellipse":
+        geo = _numeric([(c["center"]["x"], c["center"]["y"], c["rx"], c["ry"], c.get("angle") or 0)
+                        for c in coords])
+        geo[:, 4] = np.mod(geo[:, 4], 360.0)
+        return geo
+    if type_ == "point":
+        return _numeric([(c["x"], c["y"]) for c in coords])
+    if type_ in ("segment", "polyline"):
+        geo = []
+        for c in coords:
+            ring = c[0] if c and isinstance(c[0], list) else c  # dtlpy reads the first ring
+            points = _numeric([(p["x"], p["y"]) for p in ring])
+            if len(points) < 2:
+                raise ValueError("fewer than 2 points")
+            geo.append(points)
+        return geo
+    if type_ == "binary":
+        geo = []
+        for c in coords:
+            url = c.get("data") if isinstance(c, dict) else c
+            if not isinstance(url, str) or not url.startswith("data:image/png;base64,"):
+                raise ValueError("mask is not a PNG data URL")
+            geo.append(url)
+        return geo
+    return None  # class has no geometry; unknown types are skipped by the mapper with a reason
 
 
 def _box_row(c: Any) -> tuple:
@@ -178,8 +181,8 @@ def _bad_index(type_: str, coords: list[Any]) -> int:
     """Which stored frame held the bad geometry (for the error message)."""
     for i, c in enumerate(coords):
         try:
-            _parse_geometry(type_, [c], [0], Media("image", None, None), "", "")
-        except InputError:
+            _geometry(type_, [c])
+        except _BAD_SHAPE:
             return i
     return 0
 

@@ -93,7 +93,8 @@ def to_task(item: ItemTracks, opts: ConvertOptions) -> tuple[dict, Report]:
             scores[version].append(track.confidence)
         if info.media.kind == "video":
             report.keyframes["emitted"] += out.keyframes
-    report.keyframes["stored"] += item.stored_frames if info.media.kind == "video" else 0
+    if info.media.kind == "video":
+        report.keyframes["stored"] += item.stored_frames
     report.items_converted += 1
 
     data = {obj.data_key: media_url(info, opts.media_url), "dataloop_item_id": info.item_id,
