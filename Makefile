@@ -21,7 +21,8 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 ## demo: convert the bundled Dataloop samples into Label Studio tasks and verify them frame by frame
 demo: $(VENV)/.installed
-	$(BIN)/dl2ls label-config $(SAMPLES)/video_tracker_webm_2024.json -o $(OUT)/label_config.xml
+	$(BIN)/dl2ls label-config $(SAMPLES)/video_tracker_webm_2024.json $(SAMPLES)/image_segment_binary.json \
+		$(SAMPLES)/image_box_point_class.json -o $(OUT)/label_config.xml
 	$(BIN)/dl2ls convert $(SAMPLES)/video_tracker_webm_2024.json $(SAMPLES)/image_segment_binary.json \
 		$(SAMPLES)/image_box_point_class.json -o $(OUT)/tasks.json --report $(OUT)/report.json
 	$(BIN)/dl2ls convert $(SAMPLES)/video_annotations_2019_list.json --fps 25 --width 1920 --height 1080 \
