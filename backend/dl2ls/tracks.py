@@ -376,7 +376,7 @@ def item_tracks(item: Item, origin: str, defaults: MediaDefaults) -> ItemTracks:
         try:
             decoded.append((index, decode_annotation(raw, origin, index)))
         except InputError as err:
-            failures.append((_type_of(raw), err.annotation or f"#{index}", err.reason))
+            failures.append((_type_of(raw), err.annotation or f"ann{index}", err.reason))
     media = media_of(item, [a for _, a in decoded], defaults, origin)
     require_media(media, origin)
     tracks, stored = [], 0

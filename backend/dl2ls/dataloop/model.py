@@ -217,7 +217,7 @@ def decode_annotation(raw: msgspec.Raw | bytes, origin: str, index: int) -> Anno
 
 
 def annotation_ref(ann: Annotation | None, index: int) -> str:
-    return ann.id if ann is not None and ann.id else f"#{index}"
+    return ann.id if ann is not None and ann.id else f"ann{index}"
 
 
 def _id_of(obj: Any, index: int) -> str:
@@ -225,7 +225,7 @@ def _id_of(obj: Any, index: int) -> str:
         for key in ("id", "_id"):
             if isinstance(obj.get(key), str):
                 return obj[key]
-    return f"#{index}"
+    return f"ann{index}"
 
 
 def _short(err: Exception) -> str:
