@@ -142,9 +142,10 @@ def assert_frame_exact(ann: dict, task: dict, fps: float, width: float, height: 
             assert got is None, f"frame {f}: drawn in Label Studio, hidden/absent in Dataloop"
             continue
         assert got is not None, f"frame {f}: visible in Dataloop, not drawn in Label Studio"
-        _, label, (l, t, r, b), angle = want
+        _, label, (left, top, right, bottom), angle = want
         assert got[0] == label, f"frame {f}: label {got[0]!r} != {label!r}"
-        expected = box_corners(np.array((l + r) / 2), np.array((t + b) / 2), np.array(r - l), np.array(b - t),
+        expected = box_corners(np.array((left + right) / 2), np.array((top + bottom) / 2), np.array(right - left),
+                               np.array(bottom - top),
                                np.array(angle))
         err = float(np.abs(got[1] - expected).max())
         worst = max(worst, err)

@@ -105,7 +105,8 @@ def test_every_rule_of_bad_input_is_one_line_and_the_rest_converts(tmp_path, cap
 @pytest.mark.parametrize("argv, code", [
     (["convert", "x.json"], 2),  # no -o
     (["convert", "{samples}/video_tracker_webm_2024.json", "-o", "{tmp}/o.json", "--model-version", "{{nope}}"], 2),
-    (["convert", "{samples}/video_tracker_webm_2024.json", "-o", "{tmp}/o.json", "--label-config", "{tmp}/none.xml"], 2),
+    (["convert", "{samples}/video_tracker_webm_2024.json", "-o", "{tmp}/o.json",
+      "--label-config", "{tmp}/none.xml"], 2),
     (["convert", "{samples}/image_boxes_fruit.json", "-o", "{tmp}/o.json"], 2),  # nothing readable
     (["convert", "{samples}/image_boxes_fruit.json", "{samples}/image_box_point_class.json", "-o", "{tmp}/o.json"], 1),
     (["convert", "{samples}/image_boxes_fruit.json", "-o", "{tmp}/o.json", "--width", "700", "--height", "400"], 0),

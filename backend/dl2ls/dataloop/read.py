@@ -41,7 +41,8 @@ def iter_items(source: str | os.PathLike) -> Iterator[Entry]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.json") if p.is_file())
         if not files:
-            yield Entry(str(path), error=InputError(str(path), None, "folder holds no .json files: not a Dataloop export"))
+            reason = "folder holds no .json files: not a Dataloop export"
+            yield Entry(str(path), error=InputError(str(path), None, reason))
         for file in files:
             yield from _iter_file(file)
     elif path.is_file() and zipfile.is_zipfile(path):

@@ -175,7 +175,8 @@ def _compare_video(track: Track, results: list[dict], media, label_map, tol, ver
                 shown |= cover
                 shown_label[cover] = (r["value"].get("timelinelabels") or [None])[0]
             elif r.get("type") == "choices":
-                verdict.unchecked["class as whole-video choice"] = verdict.unchecked.get("class as whole-video choice", 0) + 1
+                key = "class as whole-video choice"
+                verdict.unchecked[key] = verdict.unchecked.get(key, 0) + 1
                 return
         _report_frames(aid, frames1, visible, shown, labels, shown_label, verdict)
         return

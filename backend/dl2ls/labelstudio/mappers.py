@@ -207,10 +207,12 @@ def brush_labels(track: Track, track_runs, ctx: Context, control: Control, label
     with Image.open(io.BytesIO(png)) as img:
         img.load()
         if img.size != (int(ctx.media.width), int(ctx.media.height)):
-            raise _Skip(f"mask is {img.size[0]}x{img.size[1]}, the image {int(ctx.media.width)}x{int(ctx.media.height)}")
+            w, h = int(ctx.media.width), int(ctx.media.height)
+            raise _Skip(f"mask is {img.size[0]}x{img.size[1]}, the image {w}x{h}")
         rgba = np.asarray(img.convert("RGBA"))
     mask = np.where(rgba[:, :, 3] > 0, 255, 0).astype(np.uint8)
-    return [("brushlabels", track_runs[0], {"format": "rle", "rle": mask2rle(mask), "brushlabels": [labels[0]]})], 0.0, 0
+    value = {"format": "rle", "rle": mask2rle(mask), "brushlabels": [labels[0]]}
+    return [("brushlabels", track_runs[0], value)], 0.0, 0
 
 
 def _r(v: float) -> float:
@@ -244,9 +246,11 @@ PLANS: dict[str, dict[str, list[tuple[str, str | None]]]] = {
         "segment": [("videorectangle", f"segment on video: bounding box per frame ({_NO_VIDEO_SHAPES})")],
         "polyline": [("videorectangle", f"polyline on video: bounding box per frame ({_NO_VIDEO_SHAPES})")],
         "point": [("videorectangle", f"point on video: a 1-px box per frame ({_NO_VIDEO_SHAPES})")],
-        "ellipse": [("videorectangle", "ellipse on video: bounding box per frame (Label Studio has no video ellipses)")],
+        "ellipse": [("videorectangle",
+                     "ellipse on video: bounding box per frame (Label Studio has no video ellipses)")],
         "class": [("timelinelabels", None),
-                  ("choices", "class on video as a whole-video choice: the config has no TimelineLabels, the frame span is lost")],
+                  ("choices", "class on video as a whole-video choice: the config has no TimelineLabels, "
+                              "the frame span is lost")],
     },
     "image": {
         "box": [("rectanglelabels", None)],
@@ -284,7 +288,8 @@ def convert_track(track: Track, ctx: Context) -> Outcome:
     kind = ctx.media.kind
     plan = PLANS[kind].get(track.type)
     if not plan:
-        reason = SKIP_REASONS.get((kind, track.type)) or f"Label Studio has no result type for Dataloop '{track.type}' on {kind}s"
+        reason = (SKIP_REASONS.get((kind, track.type))
+                  or f"Label Studio has no result type for Dataloop '{track.type}' on {kind}s")
         return Outcome([], "skipped", reason)
     track_runs = runs(track)
     if not track_runs:
@@ -302,8 +307,8 @@ def convert_track(track: Track, ctx: Context) -> Outcome:
         keep = [i for i, label in enumerate(labels) if allowed is None or label in allowed]
         if not keep:
             names = ", ".join(sorted(allowed)) if allowed else "none"
-            return Outcome([], "skipped", f"label {labels[0]!r} is not in the config's {control.name} labels ({names}); "
-                                          f"add it or map it with --label-map")
+            return Outcome([], "skipped", f"label {labels[0]!r} is not in the config's {control.name} labels "
+                                          f"({names}); add it or map it with --label-map")
         try:
             made, error_px, emitted = MAPPERS[result_type](
                 track, [track_runs[i] for i in keep], ctx, control, [labels[i] for i in keep])
@@ -314,7 +319,8 @@ def convert_track(track: Track, ctx: Context) -> Outcome:
         if len(keep) < len(track_runs):
             dropped = sorted({labels[i] for i in range(len(labels)) if i not in keep})
             outcome = "approximated"
-            reason = (reason + "; " if reason else "") + f"frames labelled {', '.join(map(repr, dropped))} dropped (not in the config)"
+            dropped_note = f"frames labelled {', '.join(map(repr, dropped))} dropped (not in the config)"
+            reason = (reason + "; " if reason else "") + dropped_note
         if ctx.lossy and error_px > EXACT_PX:
             outcome = "approximated"
             reason = (reason + "; " if reason else "") + f"simplified within --tolerance {ctx.tolerance_px:g} px"
