@@ -6,8 +6,11 @@ import json
 import zipfile
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import SAMPLES, box_annotation, video_item
+from dl2ls.dataloop import read
 from dl2ls.dataloop.read import iter_items, split_array
 
 
@@ -72,7 +75,7 @@ def test_zip_read_in_memory_and_hostile_entries_refused(tmp_path):
     (b'{"id": "x", "annotations": [', "not valid JSON"),
     (b"[" + json.dumps(video_item([])).encode()[:-10], "truncated"),
     (b"hello", "not JSON"),
-    (b"[1, 2]", "empty list"),
+    (b"[1, 2]", "array elements must be objects"),
     (b'[{"foo": 1}]', "neither Dataloop items nor annotations"),
     (b'{"annotations": "nope"}', "not a Dataloop item"),
     (b"[]", "empty list"),
@@ -84,6 +87,21 @@ def test_bad_files_get_one_precise_line(tmp_path, content, message):
     assert entry.error is not None and message in entry.error.reason
     assert str(entry.error).startswith(str(path))
     assert "\n" not in str(entry.error)
+
+
+@pytest.mark.parametrize("tail, message", [
+    (b', "x"]', "array elements must be objects"),
+    (b",]", "unexpected ','"),
+    (b" {}]", "missing ','"),
+    (b", {", "truncated"),
+    (b"] []", "extra data"),
+])
+def test_an_array_broken_midway_keeps_the_items_before(tmp_path, tail, message):
+    path = tmp_path / "export.json"
+    path.write_bytes(b"[" + json.dumps(video_item([], item_id="good")).encode() + tail)
+    first, second = iter_items(path)
+    assert first.item.id == "good"
+    assert message in second.error.reason and str(path) in str(second.error)
 
 
 def test_missing_path_and_empty_folder(tmp_path):
@@ -106,3 +124,22 @@ def test_split_array_rejects_garbage():
     for bad in ("[{} {}]", '[{"a": 1}', '["x"]', "[{}] extra"):
         with pytest.raises(ValueError):
             list(split_array(bad.encode()))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='ab"\\[]{},: \n\u00e9', max_size=8),
+    lambda inner: (st.lists(inner, max_size=3)
+                   | st.dictionaries(st.text(alphabet='k"\\]', max_size=3), inner, max_size=3)),
+    max_leaves=10,
+)
+
+
+@given(elements=st.lists(st.dictionaries(st.text(max_size=3), json_values, max_size=3) | st.lists(json_values),
+                         max_size=5),
+       chunk=st.integers(1, 9), indent=st.sampled_from([None, 1]))
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_split_array_across_chunk_boundaries(monkeypatch, elements, chunk, indent):
+    """Strings with quotes, backslashes and brackets, cut by chunk edges anywhere."""
+    monkeypatch.setattr(read, "CHUNK", chunk)
+    data = json.dumps(elements, indent=indent).encode()
+    assert [json.loads(data[a:b]) for a, b in split_array(data)] == elements

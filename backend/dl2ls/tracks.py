@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
 
 from dl2ls.dataloop.model import (
-    Annotation, Item, Media, MediaDefaults, annotation_ref, decode_annotation, item_id, media_of, require_media,
+    Annotation, Item, Media, MediaDefaults, Point, annotation_ref, decode_annotation, item_id, media_of, require_media,
 )
 from dl2ls.report import InputError
 
@@ -73,35 +75,43 @@ def from_dataloop(ann: Annotation, ann_id: str, media: Media, origin: str) -> Tr
     system = ann.system
     model = ann.model
     first_attrs = system.attributes if system.attributes is not None else ann.attributes
+    # the top-level geometry is the first frame's (always visible); each snapshot is a stored frame
+    frames = [system.frame]
+    coords, labels, visible, attrs = [ann.coordinates], [ann.label], [True], [first_attrs]
+    end = system.frame
+    if media.kind == "video" and system.snapshots_:
+        snaps = system.snapshots_
+        frames += [s.frame for s in snaps]
+        coords += [s.data for s in snaps]
+        labels += [s.label for s in snaps]
+        visible += [s.objectVisible for s in snaps]
+        attrs += [s.namedAttributes if s.namedAttributes is not None else s.attributes for s in snaps]
+        order = np.asarray(frames, dtype=np.int64)
+        if np.any(order[1:] <= order[:-1]):
+            # out of order, or a frame stored twice: as dtlpy, the later entry wins, frames sorted
+            last = {f: i for i, f in enumerate(frames)}
+            keep = [last[f] for f in sorted(last)]
+            frames, coords, labels = [frames[i] for i in keep], [coords[i] for i in keep], [labels[i] for i in keep]
+            visible, attrs = [visible[i] for i in keep], [attrs[i] for i in keep]
     if media.kind == "video":
-        # the top-level geometry is the first frame's; a snapshot at that frame replaces it
-        stored: dict[int, tuple[Any, str, bool, Any]] = {
-            system.frame: (ann.coordinates, ann.label, True, first_attrs)
-        }
-        for snap in system.snapshots_:
-            attrs = snap.namedAttributes if snap.namedAttributes is not None else snap.attributes
-            stored[snap.frame] = (snap.data, snap.label, snap.objectVisible, attrs)
-        frames = sorted(stored)
         if frames[0] < 0:
             raise InputError(origin, ann_id, f"negative frame {frames[0]}")
         end = max(frames[-1], system.endFrame or 0)
-        entries = [stored[f] for f in frames]
     else:
         frames, end = [0], 0
-        entries = [(ann.coordinates, ann.label, True, first_attrs)]
 
     confidence = model.confidence if model is not None else None
     if confidence is not None and not (0.0 <= confidence <= 1.0):
         raise InputError(origin, ann_id, f"model confidence {confidence!r} is not in 0..1")
-    geometry = _parse_geometry(ann.type, [e[0] for e in entries], frames, media, origin, ann_id)
+    geometry = _parse_geometry(ann.type, coords, frames, media, origin, ann_id)
     return Track(
         annotation_id=ann_id,
         type=ann.type,
         frames=np.asarray(frames, dtype=np.int64),
         geometry=geometry,
-        labels=[e[1] for e in entries],
-        visible=np.fromiter((e[2] for e in entries), dtype=bool, count=len(entries)),
-        attributes=[e[3] for e in entries],
+        labels=labels,
+        visible=np.asarray(visible, dtype=bool),
+        attributes=attrs,
         end=int(end),
         model=model.name if model is not None else None,
         model_id=model.model_id if model is not None else None,
@@ -130,8 +140,13 @@ _BAD_SHAPE = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 
 
 def _geometry(type_: str, coords: list[Any]):
+    if type_ == "box":
+        geo = _plain_boxes(coords)
+        if geo is None:
+            geo = _numeric([_box_row(c) for c in coords])
+    if type_ == "note":
+        geo = _numeric([_box_row(c["box"]) for c in coords])
     if type_ in ("box", "note"):
-        geo = _numeric([_box_row(c["box"] if type_ == "note" else c) for c in coords])
         x1, x2 = np.minimum(geo[:, 0], geo[:, 2]), np.maximum(geo[:, 0], geo[:, 2])
         y1, y2 = np.minimum(geo[:, 1], geo[:, 3]), np.maximum(geo[:, 1], geo[:, 3])
         return np.column_stack([x1, y1, x2, y2, np.mod(geo[:, 4], 360.0)])
@@ -146,7 +161,7 @@ def _geometry(type_: str, coords: list[Any]):
         geo = []
         for c in coords:
             ring = c[0] if c and isinstance(c[0], list) else c  # dtlpy reads the first ring
-            points = _numeric([(p["x"], p["y"]) for p in ring])
+            points = _numeric([_xy(p) for p in ring])
             if len(points) < 2:
                 raise ValueError("fewer than 2 points")
             geo.append(points)
@@ -162,10 +177,29 @@ def _geometry(type_: str, coords: list[Any]):
     return None  # class has no geometry; unknown types are skipped by the mapper with a reason
 
 
+def _plain_boxes(coords: list[Any]) -> np.ndarray | None:
+    """The commonest geometry of all, fast: unrotated boxes decoded as two `Point`s each."""
+    try:
+        flat = list(chain.from_iterable(coords))
+        if len(flat) != 2 * len(coords):
+            return None  # rotated (an angle follows the corners), or malformed
+        xs = np.fromiter(map(_get_x, flat), float, len(flat))
+        ys = np.fromiter(map(_get_y, flat), float, len(flat))
+    except (AttributeError, TypeError):  # not Points (a dict from a lenient decode, a number...)
+        return None
+    return np.column_stack([xs[0::2], ys[0::2], xs[1::2], ys[1::2], np.zeros(len(coords))])
+
+
+_get_x, _get_y = attrgetter("x"), attrgetter("y")
+
+
 def _box_row(c: Any) -> tuple:
-    p1, p2 = c[0], c[1]
     angle = c[2] if len(c) > 2 and isinstance(c[2], (int, float)) and not isinstance(c[2], bool) else 0
-    return (p1["x"], p1["y"], p2["x"], p2["y"], angle)
+    return (*_xy(c[0]), *_xy(c[1]), angle)
+
+
+def _xy(p: Any) -> tuple:
+    return (p.x, p.y) if isinstance(p, Point) else (p["x"], p["y"])
 
 
 def _numeric(rows: list[tuple]) -> np.ndarray:
@@ -224,6 +258,8 @@ def held_index(track: Track, frames: np.ndarray) -> np.ndarray:
 def runs(track: Track) -> list[Run]:
     """Split a track's visible frames where the label changes (Label Studio regions carry one
     label), each run as inclusive ranges of visible frames; hidden frames are left out."""
+    if track.visible.all() and track.labels.count(track.labels[0]) == len(track.labels):
+        return [Run(track.labels[0], [(track.start, track.end)], 0)]  # the common case
     dense = np.arange(track.start, track.end + 1)
     idx = held_index(track, dense)
     vis = track.visible[idx]
@@ -295,7 +331,7 @@ def keyframes(values: np.ndarray, tol: np.ndarray, max_step: np.ndarray | None =
     `tol` is the allowed error per column; `max_step` (per column, inf where unbounded) forbids a
     segment whose end values differ by that much or more (an angle interpolated the short way round
     must not turn half a turn). Returns (row indices of the keyframes, the largest error of
-    column 0..3 introduced, in the columns' unit).
+    columns 0..3 introduced, in the columns' unit).
 
     Exact data: a frame must be a keyframe iff the slope changes there (the second difference is
     not zero), which finds the minimal set in one vectorised pass; a verification pass then adds
@@ -307,34 +343,50 @@ def keyframes(values: np.ndarray, tol: np.ndarray, max_step: np.ndarray | None =
     if lossy:
         keys = np.array([0, n - 1])
     else:
-        d2 = np.abs(np.diff(values, n=2, axis=0))
-        bends = np.flatnonzero((d2 > tol * 1e-3).any(axis=1)) + 1
-        keys = np.concatenate([[0], bends, [n - 1]])
+        # a second difference above `bend` (far above float noise) is a bend of the path
+        bend = tol * BEND_FRACTION
+        d2 = np.abs(values[2:] - 2 * values[1:-1] + values[:-2])
+        keys = np.flatnonzero(np.concatenate(([True], (d2 > bend).any(axis=1), [True])))
+        # between two keyframes every |second difference| <= bend, so a frame strays from the
+        # chord by at most bend * L**2 / 8 (L the segment length): no check is needed below that
+        longest = int(np.max(np.diff(keys)))
+        turns_too_far = max_step is not None and _jumps(values, keys, max_step).any()
+        if longest * longest * BEND_FRACTION / 8 <= 1.0 and not turns_too_far:
+            return keys, 0.0
     rows = np.arange(n)
     while True:
-        interp = np.empty_like(values)
-        for col in range(values.shape[1]):
-            interp[:, col] = np.interp(rows, keys, values[keys, col])
-        err = np.abs(interp - values)
+        if len(keys) == n:
+            return keys, 0.0
+        # the editor's interpolation between consecutive keyframes, all columns at once
+        seg = np.minimum(np.searchsorted(keys, rows, side="right") - 1, len(keys) - 2)
+        k0, k1 = keys[seg], keys[seg + 1]
+        v0 = values[k0]
+        err = np.abs(v0 + (values[k1] - v0) * ((rows - k0) / (k1 - k0))[:, None] - values)
         excess = (err / tol).max(axis=1)
         add = []
-        if (excess > 1.0).any():
-            seg = np.searchsorted(keys, rows, side="right") - 1
-            bad = np.flatnonzero(excess > 1.0)
+        bad = np.flatnonzero(excess > 1.0)
+        if len(bad):
             # the worst frame of each offending segment becomes a keyframe
             order = np.lexsort((-excess[bad], seg[bad]))
             bad_sorted = bad[order]
-            first = np.concatenate([[True], np.diff(seg[bad_sorted]) != 0])
+            first = np.concatenate(([True], np.diff(seg[bad_sorted]) != 0))
             add.extend(bad_sorted[first].tolist())
         if max_step is not None:
-            jumps = np.abs(np.diff(values[keys], axis=0)) >= max_step
-            for i in np.flatnonzero(jumps.any(axis=1)):
+            for i in np.flatnonzero(_jumps(values, keys, max_step)):
                 a, b = int(keys[i]), int(keys[i + 1])
                 if b - a > 1:
                     add.append((a + b) // 2)
         if not add:
-            return keys, float(err[:, :4].max()) if values.shape[1] else 0.0
+            return keys, float(err[:, :4].max())
         keys = np.union1d(keys, np.asarray(add, dtype=keys.dtype))
+
+
+BEND_FRACTION = 1e-6  # of the tolerance; floats carry ~1e-13 of a coordinate, far below
+
+
+def _jumps(values: np.ndarray, keys: np.ndarray, max_step: np.ndarray) -> np.ndarray:
+    """Segments whose ends differ by max_step or more in some column."""
+    return (np.abs(np.diff(values[keys], axis=0)) >= max_step).any(axis=1)
 
 
 def angle_tolerance_deg(tol_px: float, half_diagonal_px: float) -> float:
@@ -395,6 +447,8 @@ def item_tracks(item: Item, origin: str, defaults: MediaDefaults) -> ItemTracks:
 
 
 def _type_of(raw: Any) -> str:
+    if isinstance(raw, Annotation):
+        return raw.type
     try:
         obj = json.loads(bytes(raw))
         return str(obj.get("type") or "unknown") if isinstance(obj, dict) else "unknown"

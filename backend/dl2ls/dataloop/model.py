@@ -18,25 +18,36 @@ import msgspec
 from dl2ls.report import InputError
 
 
-class Snapshot(msgspec.Struct):
+class Point(msgspec.Struct, gc=False):
+    x: float
+    y: float
+
+
+# Geometry by type (see the reference): box [p1, p2] or [p1, p2, angle]; segment/polyline
+# [[p, ...]]; point, ellipse, note: an object; binary: a data URL or {data}; class: [] or none.
+# Points inside lists decode straight into `Point`s, the commonest case by far.
+Geometry = list[Point | float | list[Point]] | dict[str, Any] | str | None
+
+
+class Snapshot(msgspec.Struct, gc=False):
     """A stored frame of a video annotation (`metadata.system.snapshots_[i]`)."""
 
     frame: int
     label: str  # the SDK fails on the whole annotation without it; so do we, with a reason
-    data: Any = None
+    data: Geometry = None
     fixed: bool = False
     objectVisible: bool = True
     namedAttributes: dict[str, Any] | None = None
     attributes: Any = None
 
 
-class ModelInfo(msgspec.Struct):
+class ModelInfo(msgspec.Struct, gc=False):
     name: str | None = None
     model_id: str | None = None
     confidence: float | None = None
 
 
-class AnnotationSystem(msgspec.Struct):
+class AnnotationSystem(msgspec.Struct, gc=False):
     frame: int = 0
     endFrame: int | None = None
     snapshots_: list[Snapshot] = []
@@ -45,20 +56,20 @@ class AnnotationSystem(msgspec.Struct):
     model: ModelInfo | None = None
 
 
-class AnnotationUser(msgspec.Struct):
+class AnnotationUser(msgspec.Struct, gc=False):
     model: ModelInfo | None = None
 
 
-class AnnotationMetadata(msgspec.Struct):
+class AnnotationMetadata(msgspec.Struct, gc=False):
     system: AnnotationSystem | None = None
     user: AnnotationUser | None = None
 
 
-class Annotation(msgspec.Struct):
+class Annotation(msgspec.Struct, gc=False):
     type: str
     label: str
     id: str | None = None
-    coordinates: Any = None
+    coordinates: Geometry = None
     attributes: Any = None  # v1: a list of strings
     metadata: AnnotationMetadata | None = None
     source: str | None = None
@@ -88,14 +99,14 @@ class Annotation(msgspec.Struct):
 _EMPTY_SYSTEM = AnnotationSystem()
 
 
-class Ffmpeg(msgspec.Struct):
+class Ffmpeg(msgspec.Struct, gc=False):
     width: Any = None
     height: Any = None
     nb_read_frames: Any = None
     avg_frame_rate: Any = None
 
 
-class ItemSystem(msgspec.Struct):
+class ItemSystem(msgspec.Struct, gc=False):
     mimetype: str | None = None
     width: Any = None
     height: Any = None
@@ -105,15 +116,22 @@ class ItemSystem(msgspec.Struct):
     ffmpeg: Ffmpeg | None = None
 
 
-class ItemMetadata(msgspec.Struct):
+class ItemMetadata(msgspec.Struct, gc=False):
     fps: Any = None
     system: ItemSystem | None = None
 
 
-class Item(msgspec.Struct):
-    """An item JSON as exported (one file per item, or one element of an export array)."""
+# Decoded structs never form reference cycles, so they stay out of the garbage collector's way
+# (gc=False): a large export allocates millions of them.
 
-    annotations: list[msgspec.Raw] = []
+
+class Item(msgspec.Struct):
+    """An item JSON as exported (one file per item, or one element of an export array).
+
+    `annotations` holds decoded `Annotation`s when the whole item validated in one pass (the fast,
+    usual case), else the raw JSON of each, decoded one by one by `decode_annotation`."""
+
+    annotations: list[Any] = []
     id: str | None = None
     id_: str | None = msgspec.field(default=None, name="_id")
     datasetId: str | None = None
@@ -124,7 +142,16 @@ class Item(msgspec.Struct):
     metadata: ItemMetadata | None = None
 
 
-_item_decoder = msgspec.json.Decoder(Item)
+class _RawItem(Item):
+    annotations: list[msgspec.Raw] = []
+
+
+class _TypedItem(Item):
+    annotations: list[Annotation] = []
+
+
+_typed_item_decoder = msgspec.json.Decoder(_TypedItem)
+_item_decoder = msgspec.json.Decoder(_RawItem)
 _annotation_decoder = msgspec.json.Decoder(Annotation)
 _any_decoder = msgspec.json.Decoder()
 
@@ -165,7 +192,12 @@ def decode_json(data: bytes | memoryview, origin: str) -> Any:
 
 
 def decode_item(data: bytes | memoryview, origin: str) -> Item:
-    """Decode one item; the annotations stay raw until `decode_annotation`."""
+    """Decode one item in one pass; when that fails, keep the annotations raw so that each is
+    decoded (and fails) on its own in `decode_annotation`."""
+    try:
+        return _typed_item_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        data = bytes(data)  # raw annotations refer to their buffer: give them their own
     try:
         return _item_decoder.decode(data)
     except msgspec.ValidationError as err:
@@ -177,7 +209,7 @@ def decode_item(data: bytes | memoryview, origin: str) -> Item:
 
 def item_from_object(doc: Any, origin: str) -> Item:
     try:
-        return msgspec.convert(_raw_annotations(doc), Item)
+        return msgspec.convert(_raw_annotations(doc), _RawItem)
     except msgspec.ValidationError as err:
         raise InputError(origin, None, f"not a Dataloop item: {_short(err)}") from None
 
@@ -195,8 +227,10 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj).encode()
 
 
-def decode_annotation(raw: msgspec.Raw | bytes, origin: str, index: int) -> Annotation:
+def decode_annotation(raw: Annotation | msgspec.Raw | bytes, origin: str, index: int) -> Annotation:
     """Decode and validate one annotation; errors name the file and the annotation."""
+    if isinstance(raw, Annotation):
+        return raw
     try:
         ann = _annotation_decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as err:

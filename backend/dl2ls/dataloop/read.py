@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import msgspec
+import numpy as np
 
 from dl2ls.dataloop.model import Item, decode_item, decode_json
 from dl2ls.report import InputError
@@ -74,7 +75,8 @@ def _iter_file(path: Path) -> Iterator[Entry]:
             yield Entry(origin, error=InputError(origin, None, "empty file"))
             return
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            # every item is copied out of the map before it is decoded, so the map can close
+            # in an array, every item is copied out of the map before it is decoded and the
+            # pages read are released (`_release`), so memory follows one item
             yield from _iter_document(buf, origin, path.name)
     except OSError as err:
         yield Entry(origin, error=InputError(origin, None, f"cannot read: {err.strerror or err}"))
@@ -117,7 +119,6 @@ def _safe_member(name: str) -> bool:
 # ----------------------------------------------------------------------------- one document
 
 _WS = b" \t\r\n"
-_TOKEN = re.compile(rb'["\[\]{},]')  # all that delimits array elements
 
 
 Buffer = bytes | mmap.mmap
@@ -129,7 +130,8 @@ def _iter_document(buf: Buffer, origin: str, filename: str) -> Iterator[Entry]:
         yield Entry(origin, error=InputError(origin, None, "empty file"))
     elif first == ord("{"):
         try:
-            yield Entry(origin, item=decode_item(buf[:], origin))
+            # decoded straight from the buffer: a validated item keeps no reference to it
+            yield Entry(origin, item=decode_item(buf, origin))
         except InputError as err:
             yield Entry(origin, error=err)
     elif first == ord("["):
@@ -146,32 +148,49 @@ def _first_char(buf: Buffer) -> int | None:
 
 def _iter_array(buf: Buffer, origin: str, filename: str) -> Iterator[Entry]:
     """An array is either a bare list of annotations (one item, older exports), an array of items
-    (what the export API returns), or a Dataloop label tree (recognised and left alone)."""
+    (what the export API returns), or a Dataloop label tree (recognised and left alone). Items
+    are decoded as the splitter finds them; an error further on leaves the earlier ones good."""
+    spans = split_array(buf)
     try:
-        spans = list(split_array(buf))
+        first = next(spans, None)
+        if first is None:
+            yield Entry(origin, error=InputError(origin, None, "empty list: no items or annotations"))
+            return
+        head = _peek(buf[first[0]:first[1]], origin)
+        if isinstance(head, dict) and "type" in head and ("coordinates" in head or "label" in head):
+            stem = filename[:-5] if filename.endswith(".json") else filename
+            raws = [msgspec.Raw(buf[a:b]) for a, b in _chain_first(first, spans)]
+            yield Entry(origin, item=Item(annotations=raws, name=stem, filename=stem))
+        elif isinstance(head, dict) and ("annotations" in head or "filename" in head or "metadata" in head):
+            for index, (a, b) in enumerate(_chain_first(first, spans)):
+                sub = f"{origin}[{index}]"
+                try:
+                    entry = Entry(sub, item=decode_item(buf[a:b], sub))
+                except InputError as err:
+                    entry = Entry(sub, error=err)
+                _release(buf, b)
+                yield entry
+        elif isinstance(head, dict) and isinstance(head.get("value"), dict) and "tag" in head["value"]:
+            yield Entry(origin, note="a Dataloop label tree, not annotations (pass it as --ontology)")
+        else:
+            yield Entry(origin, error=InputError(
+                origin, None, "a JSON array, but of neither Dataloop items nor annotations"))
     except ValueError as err:
         yield Entry(origin, error=InputError(origin, None, f"not valid JSON: {err}"))
-        return
-    if not spans:
-        yield Entry(origin, error=InputError(origin, None, "empty list: no items or annotations"))
-        return
-    head = _peek(buf[spans[0][0]:spans[0][1]], origin)
-    if isinstance(head, dict) and "type" in head and ("coordinates" in head or "label" in head):
-        stem = filename[:-5] if filename.endswith(".json") else filename
-        raws = [msgspec.Raw(bytes(buf[a:b])) for a, b in spans]
-        yield Entry(origin, item=Item(annotations=raws, name=stem, filename=stem))
-    elif isinstance(head, dict) and ("annotations" in head or "filename" in head or "metadata" in head):
-        for index, (a, b) in enumerate(spans):
-            sub = f"{origin}[{index}]"
-            try:
-                yield Entry(sub, item=decode_item(buf[a:b], sub))
-            except InputError as err:
-                yield Entry(sub, error=err)
-    elif isinstance(head, dict) and isinstance(head.get("value"), dict) and "tag" in head["value"]:
-        yield Entry(origin, note="a Dataloop label tree, not annotations (pass it as --ontology)")
-    else:
-        yield Entry(origin, error=InputError(
-            origin, None, "a JSON array, but of neither Dataloop items nor annotations"))
+
+
+def _chain_first(first: tuple[int, int], rest: Iterator[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    yield first
+    yield from rest
+
+
+def _release(buf: Buffer, upto: int) -> None:
+    """Let the kernel drop the pages of a memory-mapped file already read, so that resident
+    memory stays at one item however large the array file is."""
+    if isinstance(buf, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        length = upto - upto % mmap.PAGESIZE
+        if length > 0:
+            buf.madvise(mmap.MADV_DONTNEED, 0, length)
 
 
 def _peek(data: bytes, origin: str):
@@ -181,59 +200,88 @@ def _peek(data: bytes, origin: str):
         return None
 
 
-def split_array(data: Buffer) -> Iterator[tuple[int, int]]:
-    """(start, end) byte spans of the elements of a top-level JSON array, without parsing them.
+CHUNK = 1 << 22  # bytes scanned at a time by split_array
 
-    Tracks only strings and nesting, which is all that delimits elements; each element is then
-    decoded (and validated) on its own."""
+_SPECIAL = np.zeros(256, dtype=bool)  # the only bytes that can delimit array elements
+_SPECIAL[list(b'"\\[]{}')] = True
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+
+
+def split_array(data: Buffer) -> Iterator[tuple[int, int]]:
+    """(start, end) byte spans of the elements of a top-level JSON array, found without parsing
+    them, one chunk at a time, yielded as soon as each element closes.
+
+    Only strings and nesting delimit elements: a quote not escaped by an odd run of backslashes
+    opens or closes a string; brackets outside strings change the depth. The chunk's quotes,
+    backslashes and brackets are picked out and counted with numpy; what lies between elements is
+    checked to be a comma. Each element is then decoded (and validated) on its own. Raises
+    ValueError, naming the byte, for what is not an array of objects or arrays: a missing comma,
+    a bare value, truncation, trailing data."""
     n = len(data)
-    pos = 0
-    while pos < n and data[pos] in _WS:
-        pos += 1
-    if pos >= n or data[pos] != ord("["):
-        raise ValueError("expected '['")
-    depth, start, expect_value = 0, None, True
-    i = pos + 1
-    while True:
-        m = _TOKEN.search(data, i)
-        if m is None:
-            raise ValueError(f"truncated: the array is not closed (byte {n})")
-        j = m.start()
-        ch = data[j]
-        if ch == 0x22:  # a string: find its closing quote, skipping escaped ones
-            k = j + 1
-            while True:
-                k = data.find(b'"', k)
-                if k < 0:
-                    raise ValueError(f"truncated: unterminated string at byte {j}")
-                backslashes = 0
-                while data[k - 1 - backslashes] == 0x5C:
-                    backslashes += 1
-                if backslashes % 2 == 0:
-                    break
-                k += 1
-            if depth == 0:
-                raise ValueError(f"a bare string at byte {j}: array elements must be objects")
-            i = k + 1
+    depth, in_string = 0, False
+    opened = -1  # just after the top-level '['
+    gap_from = -1  # where the text between elements began (after '[' or an element)
+    start = -1  # where the current element began
+    elements = 0
+    for offset in range(0, n, CHUNK):
+        b = np.frombuffer(data[offset:offset + CHUNK], dtype=np.uint8)
+        idx = np.flatnonzero(_SPECIAL[b])
+        if not len(idx):
             continue
-        if ch in b"[{":
-            if depth == 0:
-                if not expect_value:
-                    raise ValueError(f"missing ',' at byte {j}")
-                start = j
-            depth += 1
-        elif ch in b"]}":
-            if depth == 0:
-                if ch == ord("]"):
-                    rest = data[j + 1:j + 1 + 4096]
-                    if rest.strip(_WS):
-                        raise ValueError(f"extra data after the array at byte {j + 1}")
+        c = b[idx]
+        is_quote = c == _QUOTE
+        is_bs = c == _BACKSLASH
+        # a quote right after a backslash may be escaped (rare): count the run, chunks apart or not
+        before = np.where(idx > 0, b[np.maximum(idx - 1, 0)], data[offset - 1] if offset else 0)
+        for k in np.flatnonzero(is_quote & (before == _BACKSLASH)).tolist():
+            pos, run = offset + int(idx[k]) - 1, 0
+            while pos >= 0 and data[pos] == _BACKSLASH:
+                run, pos = run + 1, pos - 1
+            is_quote[k] = run % 2 == 0
+        toggles = np.cumsum(is_quote, dtype=np.int32)
+        inside = ((toggles - is_quote + in_string) & 1).astype(bool)
+        bracket = ~is_quote & ~is_bs & ~inside
+        bc, bpos = c[bracket], idx[bracket]
+        if len(bc):
+            after = depth + np.cumsum(np.where((bc == 0x5B) | (bc == 0x7B), 1, -1), dtype=np.int64)
+            for k in np.flatnonzero(after <= 2).tolist():
+                level, ch, where = int(after[k]), int(bc[k]), offset + int(bpos[k])
+                if level == 2 and ch in (0x5B, 0x7B) and (k == 0 and depth == 1 or k > 0 and after[k - 1] == 1):
+                    _check_gap(data, gap_from, where, elements)
+                    start = where
+                elif level == 1 and ch in (0x5D, 0x7D):
+                    yield start, where + 1
+                    elements += 1
+                    gap_from = where + 1
+                elif level == 1 and ch == 0x5B and opened < 0:
+                    if bytes(data[:where]).strip(_WS):
+                        raise ValueError("expected '[' at byte 0")
+                    opened = gap_from = where + 1
+                elif level == 0:
+                    if ch != 0x5D or opened < 0:
+                        raise ValueError(f"unexpected {chr(ch)!r} at byte {where}")
+                    _check_gap(data, gap_from, where, elements, closing=True)
+                    if bytes(data[where + 1:where + 1 + 4096]).strip(_WS):
+                        raise ValueError(f"extra data after the array at byte {where + 1}")
                     return
-                raise ValueError(f"unbalanced '}}' at byte {j}")
-            depth -= 1
-            if depth == 0:
-                yield start, j + 1
-                expect_value = False
-        elif ch == ord(",") and depth == 0:
-            expect_value = True
-        i = j + 1
+                elif level < 0:
+                    raise ValueError(f"unbalanced {chr(ch)!r} at byte {where}")
+            depth = int(after[-1])
+        in_string = bool((int(toggles[-1]) + in_string) & 1)
+    if opened < 0:
+        raise ValueError("expected '['")
+    raise ValueError(f"truncated: the array is not closed (byte {n})")
+
+
+def _check_gap(data: Buffer, begin: int, end: int, elements: int, closing: bool = False) -> None:
+    """Between '[' and the first element nothing; between elements one comma; before ']' nothing."""
+    gap = bytes(data[begin:end]).strip(_WS)
+    between = elements > 0 and not closing
+    if gap == (b"," if between else b""):
+        return
+    if not gap:
+        raise ValueError(f"missing ',' at byte {end}")
+    if gap == b",":
+        raise ValueError(f"unexpected ',' before byte {end}")
+    raise ValueError(f"unexpected {gap[:20].decode(errors='replace')!r} before byte {end}: "
+                     "array elements must be objects")

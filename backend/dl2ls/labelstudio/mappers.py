@@ -41,6 +41,8 @@ def ls_rect_px(boxes: np.ndarray) -> np.ndarray:
     height, rotation. Label Studio turns a rectangle about (x, y); Dataloop about its centre."""
     x1, y1, x2, y2, angle = boxes.T
     w, h = x2 - x1, y2 - y1
+    if not angle.any():
+        return np.column_stack([x1, y1, w, h, angle])  # unrotated: the corner is the corner
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     t = np.radians(angle)
     c, s = np.cos(t), np.sin(t)
@@ -86,27 +88,25 @@ def video_rectangles(track: Track, track_runs: list[Run], ctx: Context, control:
     """`videorectangle`: one region per label run; within each visible range the fewest keyframes
     that reproduce every frame under the editor's linear interpolation."""
     boxes = ls_rect_px(bounding_boxes(track))
-    w, h = ctx.media.width, ctx.media.height
+    turning = bool(np.any(boxes[:, 4] != boxes[0, 4]))
     half_diag = float(np.max(np.hypot(boxes[:, 2], boxes[:, 3]))) / 2
     tol = np.array([ctx.tol_px] * 4 + [angle_tolerance_deg(ctx.tol_px, half_diag)])
-    max_step = np.array([np.inf] * 4 + [180.0])
-    fps = ctx.media.fps
+    # an angle must not change by half a turn between keyframes: the editor turns the short way
+    max_step = np.array([np.inf] * 4 + [180.0]) if turning else None
+    scale = np.array([100.0 / ctx.media.width, 100.0 / ctx.media.height] * 2 + [1.0])
     out, worst, emitted = [], 0.0, 0
     for run, label in zip(track_runs, labels):
         sequence = []
         for a, b in run.ranges:
             frames = np.arange(a, b + 1)
             values = boxes[held_index(track, frames)]
-            values[:, 4] = np.unwrap(values[:, 4], period=360.0)
+            if turning:
+                values[:, 4] = np.unwrap(values[:, 4], period=360.0)
             keys, err = keyframes(values, tol, max_step, lossy=ctx.lossy)
             worst = max(worst, err)
-            kv = values[keys]
-            sequence.extend(_sequence(
-                frames[keys],
-                np.round(percent(kv[:, 0], w), DIGITS), np.round(percent(kv[:, 1], h), DIGITS),
-                np.round(percent(kv[:, 2], w), DIGITS), np.round(percent(kv[:, 3], h), DIGITS),
-                np.round(np.mod(kv[:, 4], 360.0), DIGITS), fps,
-            ))
+            kv = values[keys] * scale  # percent of the frame size (see `percent`)
+            kv[:, 4] = np.mod(kv[:, 4], 360.0)
+            sequence.extend(_sequence(frames[keys], np.round(kv, DIGITS), ctx.media.fps))
         emitted += len(sequence)
         out.append(("videorectangle", run, {
             "framesCount": _frames_count(track, ctx.media),
@@ -117,18 +117,18 @@ def video_rectangles(track: Track, track_runs: list[Run], ctx: Context, control:
     return out, worst, emitted
 
 
-def _sequence(frames0, x, y, w, h, rotation, fps) -> list[dict]:
+def _sequence(frames0: np.ndarray, kv: np.ndarray, fps: float) -> list[dict]:
     """One visible range as keyframes. `enabled` is "visible until the next keyframe", not "is a
     keyframe": true on every keyframe but the range's last, which is false so that the box is
     shown on that frame and hidden after it."""
-    n = len(frames0)
+    enabled = [True] * len(frames0)
+    enabled[-1] = False
     frames = ls_frame(frames0).tolist()
-    xs, ys, ws, hs, rs = x.tolist(), y.tolist(), w.tolist(), h.tolist(), rotation.tolist()
+    times = np.round(frames0 / fps, DIGITS).tolist()  # the frame's own timestamp; Label Studio reads only `frame`
+    x, y, w, h, r = kv.T.tolist()
     return [
-        {"frame": frames[i], "enabled": i < n - 1, "rotation": rs[i], "x": xs[i], "y": ys[i],
-         "width": ws[i], "height": hs[i], "time": round(int(frames0[i]) / fps, 6)}
-        # time: the frame's own timestamp; Label Studio reads only `frame` back
-        for i in range(n)
+        {"frame": f, "enabled": e, "rotation": r_, "x": x_, "y": y_, "width": w_, "height": h_, "time": t}
+        for f, e, r_, x_, y_, w_, h_, t in zip(frames, enabled, r, x, y, w, h, times)
     ]
 
 
@@ -428,6 +428,8 @@ def _attribute_changes(track: Track, run: Run) -> list[dict]:
     lo, hi = run.ranges[0][0], run.ranges[-1][1]
     first, last = int(held_index(track, np.array([lo]))[0]), int(held_index(track, np.array([hi]))[0])
     out, prev = [], track.attributes[first]
+    if track.attributes.count(prev) == len(track.attributes):
+        return []  # the common case: attributes never change
     for i in range(first + 1, last + 1):
         if track.attributes[i] != prev:
             prev = track.attributes[i]
