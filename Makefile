@@ -21,16 +21,19 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 ## demo: convert the bundled Dataloop samples into Label Studio tasks and verify them frame by frame
 demo: $(VENV)/.installed
-	$(BIN)/dl2ls label-config $(SAMPLES)/video_tracker_webm_2024.json $(SAMPLES)/image_segment_binary.json \
-		$(SAMPLES)/image_box_point_class.json -o $(OUT)/label_config.xml
-	$(BIN)/dl2ls convert $(SAMPLES)/video_tracker_webm_2024.json $(SAMPLES)/image_segment_binary.json \
-		$(SAMPLES)/image_box_point_class.json -o $(OUT)/tasks.json --report $(OUT)/report.json
+	$(BIN)/dl2ls label-config $(SAMPLES)/video_tracker_webm_2024.json -o $(OUT)/video/label_config.xml
+	$(BIN)/dl2ls convert $(SAMPLES)/video_tracker_webm_2024.json --label-config $(OUT)/video/label_config.xml \
+		-o $(OUT)/video/tasks.json --report $(OUT)/video/report.json
+	$(BIN)/dl2ls verify $(SAMPLES)/video_tracker_webm_2024.json $(OUT)/video/tasks.json
 	$(BIN)/dl2ls convert $(SAMPLES)/video_annotations_2019_list.json --fps 25 --width 1920 --height 1080 \
-		-o $(OUT)/tasks_2019.json
-	$(BIN)/dl2ls verify $(SAMPLES)/video_tracker_webm_2024.json $(OUT)/tasks.json
-	$(BIN)/dl2ls verify $(SAMPLES)/video_annotations_2019_list.json $(OUT)/tasks_2019.json \
+		-o $(OUT)/video_2019/tasks.json --report $(OUT)/video_2019/report.json
+	$(BIN)/dl2ls verify $(SAMPLES)/video_annotations_2019_list.json $(OUT)/video_2019/tasks.json \
 		--fps 25 --width 1920 --height 1080
-	@echo "Label Studio tasks: $(OUT)/tasks.json, $(OUT)/tasks_2019.json; report: $(OUT)/report.json"
+	$(BIN)/dl2ls label-config $(SAMPLES)/image_segment_binary.json $(SAMPLES)/image_box_point_class.json \
+		-o $(OUT)/images/label_config.xml
+	$(BIN)/dl2ls convert $(SAMPLES)/image_segment_binary.json $(SAMPLES)/image_box_point_class.json \
+		--label-config $(OUT)/images/label_config.xml -o $(OUT)/images/tasks.json --report $(OUT)/images/report.json
+	@echo "Label Studio projects to import: $(OUT)/video/ (label_config.xml + tasks.json), $(OUT)/images/"
 
 ## test: set up and run the whole test suite
 test: $(VENV)/.installed-test

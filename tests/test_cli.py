@@ -210,3 +210,11 @@ def test_attributes_go_to_config_controls_else_to_meta(tmp_path, capsys):
     assert by[("v1", "choices", "flags")]["value"] == {"choices": ["Occluded"]}
     assert by[("v1", "rectanglelabels", "r")]["meta"]["dataloop"]["attributes"] == ["Blurry"]
     assert json.loads(report.read_text())["attributes"] == {"mapped": 2, "meta": 2}
+
+
+def test_label_config_refuses_to_mix_videos_and_images_unless_told(tmp_path, capsys):
+    sources = [SAMPLES / "video_tracker_webm_2024.json", SAMPLES / "image_segment_binary.json"]
+    code, _, err = run(capsys, "label-config", *sources)
+    assert code == 2 and "pass --kind video or --kind image" in err
+    code, out, _ = run(capsys, "label-config", *sources, "--kind", "image")
+    assert code == 0 and "<Image" in out and "<Video" not in out

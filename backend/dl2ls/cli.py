@@ -107,7 +107,8 @@ def _write_atomic(path: str, chunks: Iterator[bytes]) -> None:
 # ----------------------------------------------------------------------------- convert
 
 
-def cmd_convert(args) -> int:
+def _convert_options(args) -> ConvertOptions:
+    """The conversion options shared by convert and push, checked before any item is read."""
     options = ConvertOptions(label_map=_label_map(args.label_map), tolerance_px=args.tolerance,
                              model_version=args.model_version, media_url=args.media_url)
     if args.tolerance < 0:
@@ -119,12 +120,26 @@ def cmd_convert(args) -> int:
     except ValueError as err:
         raise UsageError(str(err)) from None
     if args.label_config:
-        try:
-            options.config = lsconfig.parse(Path(args.label_config).read_text())
-        except OSError as err:
-            raise UsageError(f"--label-config {args.label_config}: {err.strerror or err}") from None
-        except lsconfig.ConfigError as err:
-            raise UsageError(f"--label-config {args.label_config}: {err}") from None
+        options.config = _parse_config(_read_text(args.label_config, "--label-config"), "--label-config")
+    return options
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as err:
+        raise UsageError(f"{option} {path}: {err.strerror or err}") from None
+
+
+def _parse_config(xml: str, where: str) -> lsconfig.LabelConfig:
+    try:
+        return lsconfig.parse(xml)
+    except lsconfig.ConfigError as err:
+        raise UsageError(f"{where}: {err}") from None
+
+
+def cmd_convert(args) -> int:
+    options = _convert_options(args)
     defaults = _defaults(args)
     report = Report()
 
@@ -169,13 +184,21 @@ def convert_entries(entries, options: ConvertOptions, defaults: MediaDefaults, r
 
 
 def cmd_label_config(args) -> int:
-    colors = {}
-    if args.ontology:
-        colors = lsconfig.colors_from_ontology(_read_json_file(args.ontology, "--ontology"))
-    inv = lsconfig.Inventory()
+    xml, report = generate_config(args.sources, args.ontology, args.kind)
+    if args.output:
+        _write_atomic(args.output, iter([xml.encode()]))
+        log.info("wrote %s", args.output)
+    else:
+        sys.stdout.write(xml)
+    return EXIT_FAILED if report.items_failed else EXIT_OK
+
+
+def generate_config(sources: list[str], ontology: str | None, kind: str | None) -> tuple[str, Report]:
+    """The labeling config for what the sources hold: labels per geometry, of one media kind."""
+    colors = lsconfig.colors_from_ontology(_read_json_file(ontology, "--ontology")) if ontology else {}
+    inventories = {"video": lsconfig.Inventory(), "image": lsconfig.Inventory()}
     report = Report()
-    kinds = set()
-    for entry in _entries(args.sources, "scan"):
+    for entry in _entries(sources, "scan"):
         if entry.note or entry.error is not None:
             if entry.error is not None:
                 report.item_failed(entry.error)
@@ -187,32 +210,90 @@ def cmd_label_config(args) -> int:
             except InputError:
                 continue
         try:
-            kind = media_of(entry.item, anns, MediaDefaults(), entry.origin).kind
+            item_kind = media_of(entry.item, anns, MediaDefaults(), entry.origin).kind
         except InputError as err:
             report.item_failed(err)
             continue
-        kinds.add(kind)
+        inv = inventories[item_kind]
         for ann in anns:
-            family = family_of(kind, ann.type)
+            family = family_of(item_kind, ann.type)
             if family is None:
                 continue
-            inv.add(kind, family, ann.label)
+            inv.add(item_kind, family, ann.label)
             for snap in ann.system.snapshots_:
-                inv.add(kind, family, snap.label)
+                inv.add(item_kind, family, snap.label)
     for problem in report.problems:
         log.warning("%s", problem.line())
-    if inv.empty:
-        print("dl2ls label-config: no annotations found in the sources", file=sys.stderr)
-        return EXIT_USAGE
-    if len(kinds) > 1:
-        log.warning("the sources mix videos and images; a Label Studio project usually holds one kind of task")
-    xml = lsconfig.generate(inv, colors)
-    if args.output:
-        _write_atomic(args.output, iter([xml.encode()]))
-        log.info("wrote %s", args.output)
+    found = [k for k, inv in inventories.items() if not inv.empty]
+    if kind is None and len(found) > 1:
+        raise UsageError("the sources hold videos and images, and a Label Studio project holds one kind of "
+                         "task: pass --kind video or --kind image")
+    kind = kind or (found[0] if found else None)
+    if kind is None or inventories[kind].empty:
+        raise UsageError("no annotations found in the sources" + (f" on {kind}s" if kind else ""))
+    return lsconfig.generate(inventories[kind], colors), report
+
+
+# ----------------------------------------------------------------------------- push
+
+
+def cmd_push(args) -> int:
+    from dl2ls.labelstudio import push
+
+    options = _convert_options(args)
+    defaults = _defaults(args)
+    pusher = push.Pusher(os.environ.get("LABEL_STUDIO_URL", ""), os.environ.get("LABEL_STUDIO_API_KEY", ""))
+    if args.new_project:
+        xml = _read_text(args.label_config, "--label-config") if args.label_config else \
+            generate_config(args.sources, None, None)[0]
+        config = _parse_config(xml, "--label-config" if args.label_config else "generated config")
+        project_id = None if args.dry_run else pusher.create_project(args.new_project, xml)
+        existing = []
     else:
-        sys.stdout.write(xml)
-    return EXIT_FAILED if report.items_failed else EXIT_OK
+        if args.label_config:
+            raise UsageError("--label-config goes with --new-project; an existing project's own config is used")
+        project = pusher.project(args.project)
+        project_id = project.id
+        config = _parse_config(project.label_config or "", f"project {project_id}'s labeling config")
+        existing = pusher.existing_tasks(project_id)
+        log.info("project %d: %d tasks", project_id, len(existing))
+    options.config = config
+    obj = config.objects[0]
+    planner = push.Planner(existing, obj.data_key, args.match)
+    stats, report = push.Stats(), Report()
+    tasks = convert_entries(_entries(args.sources, "push"), options, defaults, report)
+    changes = (planner.plan(task, stats) for task in tasks)
+    push.apply(pusher, project_id, changes, dry_run=args.dry_run)
+    if stats.versions and not args.dry_run:
+        # the labeling stream shows only predictions of the project's model_version
+        version = stats.versions.most_common(1)[0][0]
+        pusher.set_model_version(project_id, version)
+        log.info("project %d model_version = %s", project_id, version)
+    print(report.summary(), file=sys.stderr)
+    print(("dry run, nothing written: would have " if args.dry_run else "") + stats.summary(), file=sys.stderr)
+    if args.report:
+        doc = {**report.to_json(), "push": {**{k: v for k, v in vars(stats).items() if k != "versions"},
+                                            "versions": dict(stats.versions), "project": project_id,
+                                            "dry_run": args.dry_run}}
+        _write_atomic(args.report, iter([orjson.dumps(doc, option=orjson.OPT_INDENT_2)]))
+    if report.items_converted == 0 and report.items_failed:
+        return EXIT_USAGE
+    return EXIT_FAILED if report.failed else EXIT_OK
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args) -> int:
+    from dl2ls.server import serve
+
+    if not Path(args.source).exists():
+        raise UsageError(f"--source {args.source}: no such file or folder")
+    workers = int(os.environ.get("WORKERS", "1"))
+    threads = int(os.environ.get("THREADS", "8"))
+    log.info("serving %s on %s:%d (%d workers x %d threads)", args.source, args.host, args.port, workers, threads)
+    serve(args.source, args.host, args.port, workers, threads)
+    return EXIT_OK
 
 
 # ----------------------------------------------------------------------------- verify
@@ -271,6 +352,24 @@ def cmd_verify(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+def _conversion_options(p: argparse.ArgumentParser, with_config: bool = True) -> None:
+    if with_config:
+        p.add_argument("--label-config", metavar="FILE",
+                       help="the Label Studio project's labeling config: names, labels and mappers come from it "
+                            "(default: the names `dl2ls label-config` generates, every label accepted)")
+    p.add_argument("--model-version", default="dataloop-{source}", metavar="TEMPLATE",
+                   help="prediction model_version; fields {source} (the Dataloop model's name, or 'human'), "
+                        "{model_id}, {dataset_id}, {item_id} (default: %(default)s)")
+    p.add_argument("--media-url", metavar="TEMPLATE",
+                   help="task media URL; fields {id}, {name}, {filename}, {dir}, {dataset_id}, {stream} "
+                        "(default: the item's stream URL, else its filename)")
+    p.add_argument("--label-map", metavar="FILE", help='JSON object renaming labels, e.g. {"vehicle.car": "car"}')
+    p.add_argument("--tolerance", type=float, default=0.0, metavar="PX",
+                   help="allow a lossy keyframe simplification within PX pixels (default 0: exact); "
+                        "the report gives the largest error introduced")
+    _media_options(p)
+
+
 def _media_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("items without metadata (bare annotation lists)")
     g.add_argument("--fps", type=float, help="frame rate of videos whose item JSON does not say")
@@ -297,20 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SOURCE")
     p.add_argument("-o", "--output", required=True, metavar="tasks.json", help="where to write the tasks")
     p.add_argument("--report", metavar="FILE", help="also write the conversion report as JSON")
-    p.add_argument("--label-config", metavar="FILE",
-                   help="the Label Studio project's labeling config: names, labels and mappers come from it "
-                        "(default: the names `dl2ls label-config` generates, every label accepted)")
-    p.add_argument("--model-version", default="dataloop-{source}", metavar="TEMPLATE",
-                   help="prediction model_version; fields {source} (the Dataloop model's name, or 'human'), "
-                        "{model_id}, {dataset_id}, {item_id} (default: %(default)s)")
-    p.add_argument("--media-url", metavar="TEMPLATE",
-                   help="task media URL; fields {id}, {name}, {filename}, {dir}, {dataset_id}, {stream} "
-                        "(default: the item's stream URL, else its filename)")
-    p.add_argument("--label-map", metavar="FILE", help='JSON object renaming labels, e.g. {"vehicle.car": "car"}')
-    p.add_argument("--tolerance", type=float, default=0.0, metavar="PX",
-                   help="allow a lossy keyframe simplification within PX pixels (default 0: exact); "
-                        "the report gives the largest error introduced")
-    _media_options(p)
+    _conversion_options(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("label-config", help="generate a Label Studio labeling config for a source",
@@ -319,7 +405,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SOURCE")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     p.add_argument("--ontology", metavar="labels.json", help="a Dataloop label tree: labels get its colours")
+    p.add_argument("--kind", choices=("video", "image"),
+                   help="which items to configure for, when the sources hold both (a project holds one kind)")
     p.set_defaults(func=cmd_label_config)
+
+    p = sub.add_parser("push", help="convert and write tasks and predictions into a Label Studio project",
+                       description="Convert the sources against the project's labeling config and write them "
+                                   "through Label Studio's bulk endpoints: new items become tasks with predictions; "
+                                   "items that have a task get their predictions replaced per model_version. "
+                                   "Idempotent: running it again changes nothing. Connection from LABEL_STUDIO_URL "
+                                   "and LABEL_STUDIO_API_KEY (a legacy token or a personal access token).")
+    p.add_argument("sources", nargs="+", metavar="SOURCE")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--project", type=int, metavar="ID", help="an existing project")
+    target.add_argument("--new-project", metavar="TITLE",
+                        help="create a project; its config is --label-config, else generated from the sources")
+    p.add_argument("--match", choices=("item-id", "filename"), default="item-id",
+                   help="how items find their existing task: data.dataloop_item_id, or also the media file name "
+                        "(for tasks that came from cloud storage) (default: %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="say what would change, write nothing")
+    p.add_argument("--report", metavar="FILE", help="write the conversion report and the push summary as JSON")
+    _conversion_options(p)
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("serve", help="run the ML backend that Label Studio connects to (Settings > Model)",
+                       description="Serve Label Studio's ML-backend protocol (/health, /setup, /predict, "
+                                   "/webhook) from a Dataloop export, under gunicorn. Environment: "
+                                   "BASIC_AUTH_USER/BASIC_AUTH_PASS (require basic auth), WORKERS, THREADS, "
+                                   "LOG_LEVEL, DL2LS_MODEL_VERSION (default 'dataloop'), DL2LS_FPS/WIDTH/HEIGHT "
+                                   "(for items without metadata).")
+    p.add_argument("--source", required=True, metavar="PATH", help="anything convert reads")
+    p.add_argument("--host", default="0.0.0.0", help="(default: %(default)s)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 9090)), help="(default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("verify", help="check converted tasks frame by frame against the Dataloop source",
                        description="Evaluate every Label Studio result the way the editor does (interpolation, "
@@ -336,11 +454,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    default = getattr(logging, os.environ.get("LOG_LEVEL", "INFO").upper(), logging.INFO)
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else default
     logging.basicConfig(level=level, format="dl2ls: %(message)s", stream=sys.stderr)
+    if not args.verbose:  # one line per HTTP request is noise; -v shows them
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except UsageError as err:
+        print(f"dl2ls {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:
+        from dl2ls.labelstudio.push import PushError
+
+        if not isinstance(err, PushError):
+            raise
         print(f"dl2ls {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

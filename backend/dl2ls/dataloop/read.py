@@ -35,6 +35,7 @@ class Entry:
     item: Item | None = None
     error: InputError | None = None
     note: str | None = None  # recognised and deliberately not converted (e.g. a label tree)
+    locator: tuple = ()  # how to read this item alone again (`load_item`)
 
 
 def iter_items(source: str | os.PathLike) -> Iterator[Entry]:
@@ -77,7 +78,7 @@ def _iter_file(path: Path) -> Iterator[Entry]:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             # in an array, every item is copied out of the map before it is decoded and the
             # pages read are released (`_release`), so memory follows one item
-            yield from _iter_document(buf, origin, path.name)
+            yield from _iter_document(buf, origin, path.name, ("file", str(path)))
     except OSError as err:
         yield Entry(origin, error=InputError(origin, None, f"cannot read: {err.strerror or err}"))
 
@@ -107,7 +108,36 @@ def _iter_zip(path: Path) -> Iterator[Entry]:
             except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as err:  # truncated, encrypted
                 yield Entry(origin, error=InputError(origin, None, f"cannot read zip entry: {err}"))
                 continue
-            yield from _iter_document(data, origin, PurePosixPath(info.filename).name)
+            yield from _iter_document(data, origin, PurePosixPath(info.filename).name,
+                                      ("zip", str(path), info.filename))
+
+
+def load_item(locator: tuple, origin: str) -> Item:
+    """Read one item again from where `iter_items` found it (a file, a zip entry, an array span)."""
+    try:
+        if locator[0] == "file":
+            path, span = Path(locator[1]), locator[2:]
+            with open(path, "rb") as fh:
+                if span:
+                    fh.seek(span[0])
+                    return decode_item(fh.read(span[1] - span[0]), origin)
+                data, name = fh.read(), path.name
+        elif locator[0] == "zip":
+            with zipfile.ZipFile(locator[1]) as zf:
+                data = zf.read(locator[2])
+            if locator[3:]:
+                return decode_item(data[locator[3]:locator[4]], origin)
+            name = PurePosixPath(locator[2]).name
+        else:
+            raise InputError(origin, None, f"unknown locator {locator[0]!r}")
+    except (OSError, zipfile.BadZipFile, KeyError) as err:
+        raise InputError(origin, None, f"cannot read again: {err}") from None
+    for entry in _iter_document(data, origin, name, locator):
+        if entry.error is not None:
+            raise entry.error
+        if entry.item is not None:
+            return entry.item
+    raise InputError(origin, None, "no item there any more")
 
 
 def _safe_member(name: str) -> bool:
@@ -124,18 +154,18 @@ _WS = b" \t\r\n"
 Buffer = bytes | mmap.mmap
 
 
-def _iter_document(buf: Buffer, origin: str, filename: str) -> Iterator[Entry]:
+def _iter_document(buf: Buffer, origin: str, filename: str, locator: tuple) -> Iterator[Entry]:
     first = _first_char(buf)
     if first is None:
         yield Entry(origin, error=InputError(origin, None, "empty file"))
     elif first == ord("{"):
         try:
             # decoded straight from the buffer: a validated item keeps no reference to it
-            yield Entry(origin, item=decode_item(buf, origin))
+            yield Entry(origin, item=decode_item(buf, origin), locator=locator)
         except InputError as err:
             yield Entry(origin, error=err)
     elif first == ord("["):
-        yield from _iter_array(buf, origin, filename)
+        yield from _iter_array(buf, origin, filename, locator)
     else:
         yield Entry(origin, error=InputError(
             origin, None, "not JSON: expected an item ({...}), an annotation list or an item array ([...])"))
@@ -146,7 +176,7 @@ def _first_char(buf: Buffer) -> int | None:
     return head[0] if head else None
 
 
-def _iter_array(buf: Buffer, origin: str, filename: str) -> Iterator[Entry]:
+def _iter_array(buf: Buffer, origin: str, filename: str, locator: tuple) -> Iterator[Entry]:
     """An array is either a bare list of annotations (one item, older exports), an array of items
     (what the export API returns), or a Dataloop label tree (recognised and left alone). Items
     are decoded as the splitter finds them; an error further on leaves the earlier ones good."""
@@ -160,12 +190,12 @@ def _iter_array(buf: Buffer, origin: str, filename: str) -> Iterator[Entry]:
         if isinstance(head, dict) and "type" in head and ("coordinates" in head or "label" in head):
             stem = filename[:-5] if filename.endswith(".json") else filename
             raws = [msgspec.Raw(buf[a:b]) for a, b in _chain_first(first, spans)]
-            yield Entry(origin, item=Item(annotations=raws, name=stem, filename=stem))
+            yield Entry(origin, item=Item(annotations=raws, name=stem, filename=stem), locator=locator)
         elif isinstance(head, dict) and ("annotations" in head or "filename" in head or "metadata" in head):
             for index, (a, b) in enumerate(_chain_first(first, spans)):
                 sub = f"{origin}[{index}]"
                 try:
-                    entry = Entry(sub, item=decode_item(buf[a:b], sub))
+                    entry = Entry(sub, item=decode_item(buf[a:b], sub), locator=(*locator, a, b))
                 except InputError as err:
                     entry = Entry(sub, error=err)
                 _release(buf, b)
