@@ -19,6 +19,7 @@ import pytest
 from dl2ls.dataloop.model import MediaDefaults, decode_item
 from dl2ls.labelstudio.evaluate import ls_rect_corners, video_rectangle_at, timeline_at
 from dl2ls.labelstudio.tasks import ConvertOptions, to_task
+from dl2ls.localserver import LocalLabelStudio, free_port, wait_http  # noqa: F401 (used by tests)
 from dl2ls.tracks import EXACT_PX, box_corners, item_tracks
 
 SAMPLES = Path(__file__).parent / "data" / "dataloop"
@@ -167,74 +168,18 @@ __all__ = ["timeline_at"]
 
 # ----------------------------------------------------------------------------- a real Label Studio
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, seconds: float, proc=None) -> None:
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer within {seconds:.0f} s")
-
-
 TOKEN = "d12ad12ad12ad12ad12ad12ad12ad12ad12ad12a"
 
 
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory):
-    """A real Label Studio 1.23 (the test extra installs it into this venv): SQLite in a temp data
-    dir, loopback only, a legacy token, and the two settings that let it call an ML backend on
-    127.0.0.1. Started once per test run, stopped at the end. Yields (url, token)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    exe = Path(sys.executable).with_name("label-studio")
-    if not exe.exists():
-        exe = shutil.which("label-studio")
-    assert exe, "label-studio is not installed: `pip install -e '.[test]'` (make test does it)"
-    data = tmp_path_factory.mktemp("label-studio")
-    port = free_port()
-    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data), "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-           "LABEL_STUDIO_USERNAME": "admin@example.com", "LABEL_STUDIO_PASSWORD": "dl2ls-test-password",
-           "LABEL_STUDIO_USER_TOKEN": TOKEN, "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
-           "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": ""}
-    log = open(data / "server.log", "wb")
-    proc = subprocess.Popen([str(exe), "start", "--no-browser", "--port", str(port), "--internal-host", "127.0.0.1"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data)
-    url = f"http://127.0.0.1:{port}"
+    """A real Label Studio 1.23 (the test extra installs it into this venv), started once per test
+    run and stopped at the end (`dl2ls.localserver`). Yields (url, token)."""
+    server = LocalLabelStudio(tmp_path_factory.mktemp("label-studio"), free_port(), TOKEN).start()
     try:
-        wait_http(f"{url}/health", 300, proc)
-        yield url, TOKEN
-    except RuntimeError as err:
-        log.flush()
-        tail = (data / "server.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"Label Studio did not start: {err}\n{tail}") from None
+        yield server.url, server.token
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 @pytest.fixture

@@ -148,6 +148,7 @@ def test_changes_replace_only_their_version_and_leave_annotations_alone(ls_env, 
 def test_an_interrupted_push_converges_on_the_next_run(ls_env, tmp_path, capsys, monkeypatch):
     src = make_export(tmp_path / "export", 5)
     monkeypatch.setattr(push_module, "BATCH_TASKS", 2)
+    monkeypatch.setattr(push_module, "FIRST_BATCH", 2)
     original = push_module.Pusher.import_tasks
     calls = []
 

@@ -265,9 +265,11 @@ def cmd_push(args) -> int:
     changes = (planner.plan(task, stats) for task in tasks)
     push.apply(pusher, project_id, changes, dry_run=args.dry_run)
     if stats.versions and not args.dry_run:
-        # the labeling stream shows only predictions of the project's model_version
+        # the labeling stream shows only predictions of the project's model_version; a new
+        # project has already adopted the version of the first prediction it received
         version = stats.versions.most_common(1)[0][0]
-        pusher.set_model_version(project_id, version)
+        if not (args.new_project and version == stats.first_version):
+            pusher.set_model_version(project_id, version)
         log.info("project %d model_version = %s", project_id, version)
     print(report.summary(), file=sys.stderr)
     print(("dry run, nothing written: would have " if args.dry_run else "") + stats.summary(), file=sys.stderr)

@@ -147,9 +147,12 @@ def _geometry(type_: str, coords: list[Any]):
     if type_ == "note":
         geo = _numeric([_box_row(c["box"]) for c in coords])
     if type_ in ("box", "note"):
-        x1, x2 = np.minimum(geo[:, 0], geo[:, 2]), np.maximum(geo[:, 0], geo[:, 2])
-        y1, y2 = np.minimum(geo[:, 1], geo[:, 3]), np.maximum(geo[:, 1], geo[:, 3])
-        return np.column_stack([x1, y1, x2, y2, np.mod(geo[:, 4], 360.0)])
+        # corners in any order -> (left, top, right, bottom); the angle into [0, 360)
+        out = np.empty_like(geo)
+        np.minimum(geo[:, 0:2], geo[:, 2:4], out=out[:, 0:2])
+        np.maximum(geo[:, 0:2], geo[:, 2:4], out=out[:, 2:4])
+        np.mod(geo[:, 4], 360.0, out=out[:, 4])
+        return out
     if type_ == "ellipse":
         geo = _numeric([(c["center"]["x"], c["center"]["y"], c["rx"], c["ry"], c.get("angle") or 0)
                         for c in coords])
@@ -187,7 +190,9 @@ def _plain_boxes(coords: list[Any]) -> np.ndarray | None:
         ys = np.fromiter(map(_get_y, flat), float, len(flat))
     except (AttributeError, TypeError):  # not Points (a dict from a lenient decode, a number...)
         return None
-    return np.column_stack([xs[0::2], ys[0::2], xs[1::2], ys[1::2], np.zeros(len(coords))])
+    out = np.zeros((len(coords), 5))
+    out[:, 0], out[:, 1], out[:, 2], out[:, 3] = xs[0::2], ys[0::2], xs[1::2], ys[1::2]
+    return out
 
 
 _get_x, _get_y = attrgetter("x"), attrgetter("y")
@@ -231,6 +236,8 @@ def _check_plausible(geo, type_: str, frames: list[int], media: Media, origin: s
     arrays = geo if isinstance(geo, list) else [geo]
     limit = ABSURD_FACTOR * max(media.width or 0, media.height or 0, 1000.0)
     for i, arr in enumerate(arrays):
+        if (np.abs(arr) <= limit).all():  # the usual case in one pass (NaN fails the comparison)
+            continue
         bad = ~np.isfinite(arr)
         what = "NaN or infinite"
         if not bad.any():

@@ -40,9 +40,11 @@ def ls_rect_px(boxes: np.ndarray) -> np.ndarray:
     pixels: (x, y) the corner that the rotation about the top-left corner keeps fixed, width,
     height, rotation. Label Studio turns a rectangle about (x, y); Dataloop about its centre."""
     x1, y1, x2, y2, angle = boxes.T
+    if not angle.any():  # unrotated: the corner is the corner
+        out = boxes.copy()
+        out[:, 2:4] -= boxes[:, 0:2]
+        return out
     w, h = x2 - x1, y2 - y1
-    if not angle.any():
-        return np.column_stack([x1, y1, w, h, angle])  # unrotated: the corner is the corner
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     t = np.radians(angle)
     c, s = np.cos(t), np.sin(t)
@@ -423,13 +425,12 @@ def _attribute_result(rid: str, control: Control, ctx: Context, value: dict) -> 
 
 def _attribute_changes(track: Track, run: Run) -> list[dict]:
     """Later stored frames of the run whose attributes differ from the one before (1-based)."""
-    if len(track.frames) == 1:
-        return []
-    lo, hi = run.ranges[0][0], run.ranges[-1][1]
-    first, last = int(held_index(track, np.array([lo]))[0]), int(held_index(track, np.array([hi]))[0])
-    out, prev = [], track.attributes[first]
-    if track.attributes.count(prev) == len(track.attributes):
+    attrs = track.attributes
+    if len(attrs) == 1 or attrs.count(attrs[0]) == len(attrs):
         return []  # the common case: attributes never change
+    lo, hi = run.ranges[0][0], run.ranges[-1][1]
+    first, last = held_index(track, np.array([lo, hi])).tolist()
+    out, prev = [], attrs[first]
     for i in range(first + 1, last + 1):
         if track.attributes[i] != prev:
             prev = track.attributes[i]

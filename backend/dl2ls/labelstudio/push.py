@@ -26,7 +26,8 @@ import orjson
 log = logging.getLogger("dl2ls.push")
 
 BATCH_BYTES = 8 << 20  # per bulk request: well under the server's request limits
-BATCH_TASKS = 500
+BATCH_TASKS = 1000  # per request; larger batches cost the server less per task
+FIRST_BATCH = 100  # batches start small and double: writing starts early and overlaps conversion
 RETRIES = 5  # the SDK retries connection errors, 429 and 5xx with exponential backoff
 
 
@@ -68,6 +69,7 @@ class Stats:
     task_data_updated: int = 0
     items_skipped: int = 0
     versions: Counter = field(default_factory=Counter)
+    first_version: str | None = None  # of the first prediction written: an empty project adopts it
 
     def summary(self) -> str:
         return (f"tasks created {self.tasks_created}; predictions created {self.predictions_created}, "
@@ -116,6 +118,8 @@ class Planner:
         existing = self.find(task)
         for prediction in task["predictions"]:
             stats.versions[prediction["model_version"]] += 1
+            if stats.first_version is None:
+                stats.first_version = prediction["model_version"]
         if existing is None:
             stats.tasks_created += 1
             stats.predictions_created += len(task["predictions"])
@@ -223,11 +227,36 @@ class Pusher:
     # -- writes -------------------------------------------------------------------------------
 
     def import_tasks(self, project_id: int, tasks: list[dict]) -> None:
-        self._call("import tasks", self.client.projects.import_tasks, project_id, request=tasks,
-                   return_task_ids=False)
+        self._post_bulk("import tasks", f"api/projects/{project_id}/import", tasks,
+                        lambda: self.client.projects.import_tasks(project_id, request=tasks, return_task_ids=False,
+                                                                  request_options=self.options))
 
     def import_predictions(self, project_id: int, predictions: list[dict]) -> None:
-        self._call("import predictions", self.client.projects.import_predictions, project_id, request=predictions)
+        self._post_bulk("import predictions", f"api/projects/{project_id}/import/predictions", predictions,
+                        lambda: self.client.projects.import_predictions(project_id, request=predictions,
+                                                                        request_options=self.options))
+
+    def _post_bulk(self, what: str, path: str, body: list[dict], typed: Callable) -> None:
+        """The bulk endpoints, through the SDK's own HTTP client (auth, base URL, retries) with the
+        body serialised once by orjson: the typed methods walk every value of a large payload
+        through pydantic first, which costs more than the request itself."""
+        http = getattr(getattr(self.client, "_client_wrapper", None), "httpx_client", None)
+        if http is None or not hasattr(http, "request"):  # a future SDK: take the typed way
+            self._call(what, lambda request_options: typed())
+            return
+        import httpx
+
+        try:
+            response = http.request(path, method="POST", content=orjson.dumps(body),
+                                    headers={"Content-Type": "application/json"}, request_options=self.options)
+        except httpx.HTTPError as err:
+            raise PushError(f"{what}: cannot reach Label Studio at {self.url} ({type(err).__name__})") from None
+        if response.status_code >= 300:
+            try:
+                detail = response.json()
+            except ValueError:
+                detail = response.text
+            raise PushError(self._explain(what, response.status_code, detail))
 
     def delete_prediction(self, prediction_id: int) -> None:
         self._call(f"delete prediction {prediction_id}", self.client.predictions.delete, prediction_id)
@@ -240,14 +269,15 @@ class Pusher:
                    model_version=version)
 
 
-def apply(pusher: Pusher, project_id: int, changes: Iterable[Change], dry_run: bool = False,
-          on_batch: Callable[[int], None] | None = None) -> None:
-    """Carry out the changes in bulk: deletions of a batch before its writes, so that an
-    interruption never leaves two predictions of one version behind unnoticed."""
+def apply(pusher: Pusher, project_id: int, changes: Iterable[Change], dry_run: bool = False) -> None:
+    """Carry out the changes in bulk batches. A batch's deletions go before its writes, so an
+    interruption never leaves two predictions of one version unnoticed. One batch is written by a
+    background thread while the next is converted: the request waits on the server, the
+    conversion on this process, and the two overlap (one request at a time, in order). Batches
+    start small and double, so that the server starts early and never waits for the converter."""
+    from concurrent.futures import ThreadPoolExecutor
 
     def flush(new_tasks: list[dict], writes: list[dict], deletes: list[int], updates: list[tuple[int, dict]]):
-        if dry_run:
-            return
         for task_id, data in updates:
             pusher.update_task_data(task_id, data)
         for pid in deletes:
@@ -256,23 +286,32 @@ def apply(pusher: Pusher, project_id: int, changes: Iterable[Change], dry_run: b
             pusher.import_predictions(project_id, writes)
         if new_tasks:
             pusher.import_tasks(project_id, new_tasks)
-        if on_batch is not None:
-            on_batch(len(new_tasks) + len(writes))
 
-    new_tasks, writes, deletes, updates, used = [], [], [], [], 0
-    for change in changes:
-        size = 0
-        if change.new_task is not None:
-            new_tasks.append(change.new_task)
-            size += len(orjson.dumps(change.new_task))
-        writes.extend(change.write)
-        size += sum(len(orjson.dumps(w)) for w in change.write)
-        deletes.extend(change.delete)
-        if change.data_update is not None:
-            updates.append((change.task_id, change.data_update))
-        used += size
-        if used > BATCH_BYTES or len(new_tasks) + len(writes) >= BATCH_TASKS:
-            flush(new_tasks, writes, deletes, updates)
-            new_tasks, writes, deletes, updates, used = [], [], [], [], 0
-    if new_tasks or writes or deletes or updates:
-        flush(new_tasks, writes, deletes, updates)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dl2ls-push") as writer:
+        in_flight = None
+        new_tasks, writes, deletes, updates, used = [], [], [], [], 0
+
+        def submit():
+            nonlocal in_flight
+            if in_flight is not None:
+                in_flight.result()  # the previous batch landed (or its error surfaces here)
+            in_flight = None if dry_run else writer.submit(flush, new_tasks, writes, deletes, updates)
+
+        limit = min(FIRST_BATCH, BATCH_TASKS)
+        for change in changes:
+            if change.new_task is not None:
+                new_tasks.append(change.new_task)
+                used += len(orjson.dumps(change.new_task))
+            writes.extend(change.write)
+            used += sum(len(orjson.dumps(w)) for w in change.write)
+            deletes.extend(change.delete)
+            if change.data_update is not None:
+                updates.append((change.task_id, change.data_update))
+            if used > BATCH_BYTES or len(new_tasks) + len(writes) >= limit:
+                submit()
+                new_tasks, writes, deletes, updates, used = [], [], [], [], 0
+                limit = min(2 * limit, BATCH_TASKS)
+        if new_tasks or writes or deletes or updates:
+            submit()
+        if in_flight is not None:
+            in_flight.result()
