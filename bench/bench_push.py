@@ -95,13 +95,14 @@ def main() -> int:
         raw_times, push_times = [], []
         for round_ in range(args.repeat):
             project = ls.projects.create(title=f"raw {round_}", label_config=config.read_text())
-            t_raw, r = timed(lambda: requests.post(f"{server.url}/api/projects/{project.id}/import", data=payload,
-                                                   headers={"Authorization": f"Token {TOKEN}",
-                                                            "Content-Type": "application/json"}, timeout=600))
+            raw_url = f"{server.url}/api/projects/{project.id}/import"
+            t_raw, r = timed(lambda url=raw_url: requests.post(url, data=payload, timeout=600, headers={
+                "Authorization": f"Token {TOKEN}", "Content-Type": "application/json"}))
             r.raise_for_status()
             raw_times.append(t_raw)
-            t_push, code = timed(lambda: dl2ls(["-q", "push", str(src), "--new-project", f"pushed {round_}",
-                                                "--label-config", str(config)]))
+            title = f"pushed {round_}"
+            t_push, code = timed(lambda title=title: dl2ls(["-q", "push", str(src), "--new-project", title,
+                                                            "--label-config", str(config)]))
             assert code == 0
             push_times.append(t_push)
         t_raw, t_push = min(raw_times), min(push_times)

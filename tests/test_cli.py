@@ -74,10 +74,11 @@ def test_every_rule_of_bad_input_is_one_line_and_the_rest_converts(tmp_path, cap
         "negframe": box_annotation("negframe", end=5, snapshots=[snap(-2)]),
         "frametype": box_annotation("frametype", end=5, snapshots=[snap("3")]),
         "shape": box_annotation("shape", coords=[{"x": 1}]),
-        "confidence": box_annotation("confidence", model={"name": "m", "confidence": 7}),
+        "hugeframe": box_annotation("hugeframe", end=10**12),
     }
+    odd_score = box_annotation("oddscore", end=5, model={"name": "m", "confidence": 7})
     unknown = box_annotation("unknown", type_="cube_3d", coords=[])
-    item = video_item([good, *bad.values(), unknown])
+    item = video_item([good, *bad.values(), unknown, odd_score])
     src = tmp_path / "item.json"
     src.write_text(json.dumps(item, allow_nan=True))
     (tmp_path / "truncated.json").write_text(json.dumps(video_item([good], item_id="t"))[:-20])
@@ -88,7 +89,7 @@ def test_every_rule_of_bad_input_is_one_line_and_the_rest_converts(tmp_path, cap
     assert code == 1
     rep = json.loads(report.read_text())
     assert rep["items"] == {"converted": 1, "failed": 2}
-    assert rep["annotations"]["box"]["exact"] == 1
+    assert rep["annotations"]["box"]["exact"] == 2  # good, and oddscore without its score
     assert rep["annotations"]["box"]["failed"] == len(bad)
     assert rep["annotations"]["cube_3d"]["skipped"] == 1
     lines = {p["annotation"]: p for p in rep["problems"] if p["annotation"]}
@@ -98,8 +99,12 @@ def test_every_rule_of_bad_input_is_one_line_and_the_rest_converts(tmp_path, cap
     assert "NaN" in lines["nan"]["reason"] and "absurd" in lines["absurd"]["reason"]
     assert "label" in lines["nolabel"]["reason"] and "negative frame" in lines["negframe"]["reason"]
     assert "truncated.json: not valid JSON" in err and "nofps.json: video item has no fps" in err
+    assert "beyond the video" in lines["hugeframe"]["reason"]
+    assert "confidence 7 is not in 0..1" in lines["oddscore"]["reason"] and lines["oddscore"]["outcome"] == "warning"
     tasks = json.loads(out.read_text())
-    assert [r["id"] for r in tasks[0]["predictions"][0]["result"]] == ["good"]
+    results = [r for p in tasks[0]["predictions"] for r in p["result"]]
+    assert sorted(r["id"] for r in results) == ["good", "oddscore"]
+    assert all("score" not in r for r in results)
 
 
 @pytest.mark.parametrize("argv, code", [

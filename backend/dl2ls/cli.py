@@ -20,7 +20,7 @@ from typing import Iterator
 import orjson
 
 from dl2ls import __version__
-from dl2ls.dataloop.model import MediaDefaults, decode_annotation, media_of
+from dl2ls.dataloop.model import LIMITS, MediaDefaults, decode_annotation, media_of
 from dl2ls.dataloop.read import Entry, count_items, iter_items
 from dl2ls.labelstudio import config as lsconfig
 from dl2ls.labelstudio.evaluate import Verdict, compare_item
@@ -84,21 +84,29 @@ def _label_map(path: str | None) -> dict[str, str]:
 def _defaults(args) -> MediaDefaults:
     for name in ("fps", "width", "height"):
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise UsageError(f"--{name} must be a positive number")
+        if value is not None and not (0 < value <= LIMITS[name]):
+            raise UsageError(f"--{name} must be a positive number up to {LIMITS[name]:g}")
     return MediaDefaults(args.fps, args.width, args.height)
 
 
 def _write_atomic(path: str, chunks: Iterator[bytes]) -> None:
     """Write through a temporary file in the same folder, so a killed run leaves no half file."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    if target.is_dir():
+        raise UsageError(f"{path} is a folder: give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
         os.replace(tmp, target)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -126,9 +134,11 @@ def _convert_options(args) -> ConvertOptions:
 
 def _read_text(path: str, option: str) -> str:
     try:
-        return Path(path).read_text()
+        return Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise UsageError(f"{option} {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{option} {path}: not UTF-8 text") from None
 
 
 def _parse_config(xml: str, where: str) -> lsconfig.LabelConfig:
@@ -184,7 +194,7 @@ def convert_entries(entries, options: ConvertOptions, defaults: MediaDefaults, r
 
 
 def cmd_label_config(args) -> int:
-    xml, report = generate_config(args.sources, args.ontology, args.kind)
+    xml, report = generate_config(args.sources, args.ontology, args.kind, _label_map(args.label_map))
     if args.output:
         _write_atomic(args.output, iter([xml.encode()]))
         log.info("wrote %s", args.output)
@@ -193,7 +203,8 @@ def cmd_label_config(args) -> int:
     return EXIT_FAILED if report.items_failed else EXIT_OK
 
 
-def generate_config(sources: list[str], ontology: str | None, kind: str | None) -> tuple[str, Report]:
+def generate_config(sources: list[str], ontology: str | None, kind: str | None,
+                    label_map: dict[str, str] | None = None) -> tuple[str, Report]:
     """The labeling config for what the sources hold: labels per geometry, of one media kind."""
     colors = lsconfig.colors_from_ontology(_read_json_file(ontology, "--ontology")) if ontology else {}
     inventories = {"video": lsconfig.Inventory(), "image": lsconfig.Inventory()}
@@ -204,7 +215,7 @@ def generate_config(sources: list[str], ontology: str | None, kind: str | None) 
                 report.item_failed(entry.error)
             continue
         anns = []
-        for index, raw in enumerate(entry.item.annotations):
+        for index, raw in enumerate(entry.item.annotations or []):
             try:
                 anns.append(decode_annotation(raw, entry.origin, index))
             except InputError:
@@ -215,15 +226,19 @@ def generate_config(sources: list[str], ontology: str | None, kind: str | None) 
             report.item_failed(err)
             continue
         inv = inventories[item_kind]
+        label_map = label_map or {}
         for ann in anns:
             family = family_of(item_kind, ann.type)
             if family is None:
                 continue
-            inv.add(item_kind, family, ann.label)
-            for snap in ann.system.snapshots_:
-                inv.add(item_kind, family, snap.label)
+            for label in {ann.label, *(s.label for s in ann.system.snapshots_)}:
+                label = label_map.get(label, label)
+                if lsconfig.xml_safe(label):
+                    inv.add(item_kind, family, label)
+                else:
+                    report.warn(entry.origin, f"label {label!r} has characters XML cannot hold: left out", ann.id)
     for problem in report.problems:
-        log.warning("%s", problem.line())
+        print(problem.line(), file=sys.stderr)
     found = [k for k, inv in inventories.items() if not inv.empty]
     if kind is None and len(found) > 1:
         raise UsageError("the sources hold videos and images, and a Label Studio project holds one kind of "
@@ -245,7 +260,7 @@ def cmd_push(args) -> int:
     pusher = push.Pusher(os.environ.get("LABEL_STUDIO_URL", ""), os.environ.get("LABEL_STUDIO_API_KEY", ""))
     if args.new_project:
         xml = _read_text(args.label_config, "--label-config") if args.label_config else \
-            generate_config(args.sources, None, None)[0]
+            generate_config(args.sources, None, None, options.label_map)[0]
         config = _parse_config(xml, "--label-config" if args.label_config else "generated config")
         project_id = None if args.dry_run else pusher.create_project(args.new_project, xml)
         existing = []
@@ -307,10 +322,12 @@ def cmd_verify(args) -> int:
         raise UsageError(f"{args.tasks}: expected a JSON array of Label Studio tasks")
     by_id, by_file = {}, {}
     for task in tasks:
-        data = task.get("data", {}) if isinstance(task, dict) else {}
-        if data.get("dataloop_item_id"):
+        data = task.get("data") if isinstance(task, dict) else None
+        if not isinstance(data, dict):
+            continue
+        if isinstance(data.get("dataloop_item_id"), str):
             by_id[data["dataloop_item_id"]] = task
-        if data.get("dataloop_filename"):
+        if isinstance(data.get("dataloop_filename"), str):
             by_file[data["dataloop_filename"]] = task
     label_map = _label_map(args.label_map)
     defaults = _defaults(args)
@@ -407,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SOURCE")
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     p.add_argument("--ontology", metavar="labels.json", help="a Dataloop label tree: labels get its colours")
+    p.add_argument("--label-map", metavar="FILE", help="the --label-map convert will use: its labels go in the config")
     p.add_argument("--kind", choices=("video", "image"),
                    help="which items to configure for, when the sources hold both (a project holds one kind)")
     p.set_defaults(func=cmd_label_config)

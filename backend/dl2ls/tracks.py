@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -52,6 +52,7 @@ class Track:
     model_id: str | None = None
     confidence: float | None = None
     description: str | None = None
+    warnings: list[str] | None = None  # what was dropped from an annotation that still converts
 
     @property
     def start(self) -> int:
@@ -84,7 +85,7 @@ def from_dataloop(ann: Annotation, ann_id: str, media: Media, origin: str) -> Tr
         frames += [s.frame for s in snaps]
         coords += [s.data for s in snaps]
         labels += [s.label for s in snaps]
-        visible += [s.objectVisible for s in snaps]
+        visible += [bool(s.objectVisible) for s in snaps]
         attrs += [s.namedAttributes if s.namedAttributes is not None else s.attributes for s in snaps]
         order = np.asarray(frames, dtype=np.int64)
         if np.any(order[1:] <= order[:-1]):
@@ -97,12 +98,15 @@ def from_dataloop(ann: Annotation, ann_id: str, media: Media, origin: str) -> Tr
         if frames[0] < 0:
             raise InputError(origin, ann_id, f"negative frame {frames[0]}")
         end = max(frames[-1], system.endFrame or 0)
+        limit = max_frame(media)
+        if end > limit:
+            raise InputError(origin, ann_id, f"frame {end} is beyond the video ({media.frames_count or 'no'} frames; "
+                                             f"at most {limit} accepted)")
     else:
         frames, end = [0], 0
 
-    confidence = model.confidence if model is not None else None
-    if confidence is not None and not (0.0 <= confidence <= 1.0):
-        raise InputError(origin, ann_id, f"model confidence {confidence!r} is not in 0..1")
+    warnings: list[str] = []
+    confidence = _confidence(model.confidence if model is not None else None, warnings)
     geometry = _parse_geometry(ann.type, coords, frames, media, origin, ann_id)
     return Track(
         annotation_id=ann_id,
@@ -113,11 +117,43 @@ def from_dataloop(ann: Annotation, ann_id: str, media: Media, origin: str) -> Tr
         visible=np.asarray(visible, dtype=bool),
         attributes=attrs,
         end=int(end),
-        model=model.name if model is not None else None,
-        model_id=model.model_id if model is not None else None,
+        model=_text(model.name) if model is not None else None,
+        model_id=_text(model.model_id) if model is not None else None,
         confidence=confidence,
-        description=ann.description,
+        description=_text(ann.description),
+        warnings=warnings or None,
     )
+
+
+#: No annotation may reach past this frame: a day of 60 fps video. Tracks are held as dense
+#: per-frame arrays, so a corrupt `endFrame` of 10**12 must be refused, not allocated.
+MAX_FRAME = 5_184_000
+
+
+def max_frame(media: Media) -> int:
+    """The last frame an annotation may name: a little past the video's end when its length is
+    known (Dataloop extends spans past endFrame), else MAX_FRAME."""
+    if media.frames_count:
+        return min(MAX_FRAME, 2 * media.frames_count + 1000)
+    return MAX_FRAME
+
+
+def _confidence(value: Any, warnings: list[str]) -> float | None:
+    """The model's confidence in 0..1; anything else is dropped (the geometry still converts)."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not 0.0 <= number <= 1.0:
+        warnings.append(f"model confidence {value!r} is not in 0..1: converted without a score")
+        return None
+    return number
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _parse_geometry(type_: str, coords: list[Any], frames: list[int], media: Media, origin: str, ann_id: str):
@@ -144,8 +180,8 @@ def _geometry(type_: str, coords: list[Any]):
         geo = _plain_boxes(coords)
         if geo is None:
             geo = _numeric([_box_row(c) for c in coords])
-    if type_ == "note":
-        geo = _numeric([_box_row(c["box"]) for c in coords])
+    if type_ == "note":  # dtlpy's Note is an unrotated Box: an angle there is not drawn
+        geo = _numeric([_box_row(c["box"])[:4] + (0.0,) for c in coords])
     if type_ in ("box", "note"):
         # corners in any order -> (left, top, right, bottom); the angle into [0, 360)
         out = np.empty_like(geo)
@@ -331,7 +367,7 @@ def box_corners(cx, cy, w, h, angle_deg) -> np.ndarray:
 
 
 def keyframes(values: np.ndarray, tol: np.ndarray, max_step: np.ndarray | None = None,
-              lossy: bool = False) -> tuple[np.ndarray, float]:
+              lossy: bool = False, row_error: Callable | None = None) -> tuple[np.ndarray, float]:
     """The fewest frames from which piecewise-linear interpolation reproduces `values`.
 
     `values` is (n, k): one row per consecutive frame, one column per interpolated quantity;
@@ -343,7 +379,8 @@ def keyframes(values: np.ndarray, tol: np.ndarray, max_step: np.ndarray | None =
     Exact data: a frame must be a keyframe iff the slope changes there (the second difference is
     not zero), which finds the minimal set in one vectorised pass; a verification pass then adds
     frames wherever small slope changes would otherwise add up beyond `tol`. Lossy (`lossy=True`):
-    Douglas-Peucker refinement from the two ends."""
+    Douglas-Peucker refinement from the two ends; `row_error(values, replayed)` may measure each
+    row's error in units of the tolerance (e.g. at a rectangle's corners) instead of per column."""
     n = len(values)
     if n <= 2:
         return np.arange(n), 0.0
@@ -364,12 +401,10 @@ def keyframes(values: np.ndarray, tol: np.ndarray, max_step: np.ndarray | None =
     while True:
         if len(keys) == n:
             return keys, 0.0
-        # the editor's interpolation between consecutive keyframes, all columns at once
         seg = np.minimum(np.searchsorted(keys, rows, side="right") - 1, len(keys) - 2)
-        k0, k1 = keys[seg], keys[seg + 1]
-        v0 = values[k0]
-        err = np.abs(v0 + (values[k1] - v0) * ((rows - k0) / (k1 - k0))[:, None] - values)
-        excess = (err / tol).max(axis=1)
+        replayed = interpolate(values, keys, seg)
+        err = np.abs(replayed - values)
+        excess = (err / tol).max(axis=1) if row_error is None else row_error(values, replayed)
         add = []
         bad = np.flatnonzero(excess > 1.0)
         if len(bad):
@@ -386,6 +421,18 @@ def keyframes(values: np.ndarray, tol: np.ndarray, max_step: np.ndarray | None =
         if not add:
             return keys, float(err[:, :4].max())
         keys = np.union1d(keys, np.asarray(add, dtype=keys.dtype))
+
+
+def interpolate(values: np.ndarray, keys: np.ndarray, seg: np.ndarray | None = None) -> np.ndarray:
+    """Every row as linear interpolation between the keyframe rows around it (all columns)."""
+    rows = np.arange(len(values))
+    if len(keys) < 2:
+        return values[np.zeros(len(values), dtype=int)] if len(keys) else values.copy()
+    if seg is None:
+        seg = np.minimum(np.searchsorted(keys, rows, side="right") - 1, len(keys) - 2)
+    k0, k1 = keys[seg], keys[seg + 1]
+    v0 = values[k0]
+    return v0 + (values[k1] - v0) * ((rows - k0) / (k1 - k0))[:, None]
 
 
 BEND_FRACTION = 1e-6  # of the tolerance; floats carry ~1e-13 of a coordinate, far below
@@ -431,21 +478,27 @@ def item_tracks(item: Item, origin: str, defaults: MediaDefaults) -> ItemTracks:
     failure and the others still convert; a bad item (no size, no fps) raises InputError."""
     decoded: list[tuple[int, Annotation]] = []
     failures: list[tuple[str, str, str]] = []
-    for index, raw in enumerate(item.annotations):
+    for index, raw in enumerate(item.annotations or []):
         try:
             decoded.append((index, decode_annotation(raw, origin, index)))
         except InputError as err:
             failures.append((_type_of(raw), err.annotation or f"ann{index}", err.reason))
     media = media_of(item, [a for _, a in decoded], defaults, origin)
     require_media(media, origin)
-    tracks, stored = [], 0
+    tracks, stored, seen = [], 0, set()
     for index, ann in decoded:
         ref = annotation_ref(ann, index)
+        duplicate = ref in seen
+        if duplicate:  # two annotations, one id: Label Studio would merge their regions
+            ref = f"{ref}-{index}"
+        seen.add(ref)
         try:
             track = from_dataloop(ann, ref, media, origin)
         except InputError as err:
             failures.append((ann.type, ref, err.reason))
             continue
+        if duplicate:
+            track.warnings = (track.warnings or []) + [f"annotation id repeated in the item: converted as {ref}"]
         tracks.append(track)
         stored += len(track.frames)
     name = item.name or (item.filename.rsplit("/", 1)[-1] if item.filename else None)

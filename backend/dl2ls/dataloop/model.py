@@ -36,15 +36,15 @@ class Snapshot(msgspec.Struct, gc=False):
     label: str  # the SDK fails on the whole annotation without it; so do we, with a reason
     data: Geometry = None
     fixed: bool = False
-    objectVisible: bool = True
+    objectVisible: bool | None = True  # null: dtlpy reads it as not visible
     namedAttributes: dict[str, Any] | None = None
     attributes: Any = None
 
 
 class ModelInfo(msgspec.Struct, gc=False):
-    name: str | None = None
-    model_id: str | None = None
-    confidence: float | None = None
+    name: Any = None
+    model_id: Any = None
+    confidence: Any = None  # 0..1 by the docs; strings and out-of-range values are checked later
 
 
 class AnnotationSystem(msgspec.Struct, gc=False):
@@ -52,7 +52,7 @@ class AnnotationSystem(msgspec.Struct, gc=False):
     endFrame: int | None = None
     snapshots_: list[Snapshot] = []
     attributes: dict[str, Any] | None = None
-    automated: bool | None = None
+    automated: Any = None
     model: ModelInfo | None = None
 
 
@@ -73,7 +73,7 @@ class Annotation(msgspec.Struct, gc=False):
     attributes: Any = None  # v1: a list of strings
     metadata: AnnotationMetadata | None = None
     source: str | None = None
-    description: str | None = None
+    description: Any = None
 
     @property
     def system(self) -> AnnotationSystem:
@@ -131,7 +131,7 @@ class Item(msgspec.Struct):
     `annotations` holds decoded `Annotation`s when the whole item validated in one pass (the fast,
     usual case), else the raw JSON of each, decoded one by one by `decode_annotation`."""
 
-    annotations: list[Any] = []
+    annotations: list[Any] | None = []
     id: str | None = None
     id_: str | None = msgspec.field(default=None, name="_id")
     datasetId: str | None = None
@@ -143,11 +143,11 @@ class Item(msgspec.Struct):
 
 
 class _RawItem(Item):
-    annotations: list[msgspec.Raw] = []
+    annotations: list[msgspec.Raw] | None = []
 
 
 class _TypedItem(Item):
-    annotations: list[Annotation] = []
+    annotations: list[Annotation] | None = []
 
 
 _typed_item_decoder = msgspec.json.Decoder(_TypedItem)
@@ -297,7 +297,7 @@ def media_of(item: Item | None, annotations: list[Annotation], defaults: MediaDe
         return Media("image", width, height)
 
     fps = (
-        _positive(md.fps if md else None, "fps", origin)
+        _positive(md.fps if md is not None else None, "fps", origin)
         or _positive(system.fps, "fps", origin)
         or _rate(ff.avg_frame_rate)
         or defaults.fps
@@ -321,24 +321,35 @@ def require_media(media: Media, origin: str) -> None:
         raise InputError(origin, None, f"{media.kind} item has no " + " and no ".join(missing))
 
 
+# Plausible upper bounds: beyond them a value is a corrupt export, not a video.
+LIMITS = {"fps": 1000.0, "width": 1e6, "height": 1e6, "duration": 1e7, "frames": 1e9}
+FLOORS = {"fps": 1e-3, "width": 1.0, "height": 1.0, "duration": 1e-6}  # below: not a real value
+
+
 def _positive(value: Any, what: str, origin: str) -> float | None:
-    if value is None or value == "":
+    """A positive number, or None when missing or not positive (the next source may have it);
+    an absurdly large one is an error."""
+    if value is None or value == "" or isinstance(value, bool):
         return None
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise InputError(origin, None, f"item {what} is not a number: {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise InputError(origin, None, f"item {what} must be a positive number, got {value!r}")
+        return None
+    if math.isnan(number) or number < FLOORS[what]:
+        return None
+    if number > LIMITS[what]:
+        raise InputError(origin, None, f"item {what} {value!r} is beyond any real media (max {LIMITS[what]:g})")
     return number
 
 
 def _count(value: Any) -> int | None:
     try:
-        number = int(float(value))
+        number = float(value)
     except (TypeError, ValueError):
         return None
-    return number if number > 0 else None
+    if not math.isfinite(number) or number <= 0 or number > LIMITS["frames"]:
+        return None
+    return int(number)
 
 
 def _rate(value: Any) -> float | None:
@@ -350,4 +361,4 @@ def _rate(value: Any) -> float | None:
         rate = float(num) / float(den)
     except (ValueError, ZeroDivisionError):
         return None
-    return rate if math.isfinite(rate) and rate > 0 else None
+    return rate if math.isfinite(rate) and 0 < rate <= LIMITS["fps"] else None

@@ -6,6 +6,7 @@ results (`from_name`, `to_name`) and the labels allowed always come from here.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -161,6 +162,14 @@ def generate(inv: Inventory, colors: dict[str, str] | None = None) -> str:
             lines.append("  </Choices>")
     lines.append("</View>")
     return "\n".join(lines) + "\n"
+
+
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def xml_safe(text: str) -> bool:
+    """Whether XML 1.0 can hold the text at all (control characters it cannot, even escaped)."""
+    return not _XML_INVALID.search(text)
 
 
 def colors_from_ontology(tree: Any) -> dict[str, str]:

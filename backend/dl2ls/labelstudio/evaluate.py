@@ -15,6 +15,7 @@ made. Pure: no I/O.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +42,7 @@ def video_rectangle_at(sequence: list[dict], frames: np.ndarray) -> tuple[np.nda
     if np.any(np.diff(kf) <= 0):
         raise ValueError("sequence is not sorted by frame (the editor scans it in order)")
     vals = np.array([[k["x"], k["y"], k["width"], k["height"], k.get("rotation", 0) or 0] for k in sequence], float)
-    enabled = np.array([bool(k.get("enabled", True)) for k in sequence])
+    enabled = np.array([bool(k.get("enabled")) for k in sequence])  # the editor: a missing flag is false
 
     prev = np.searchsorted(kf, frames, side="right") - 1  # last keyframe at or before
     has_shape = prev >= 0
@@ -118,14 +119,20 @@ class Verdict:
             self.unchecked[k] = self.unchecked.get(k, 0) + v
 
 
+_REGION_SUFFIX = re.compile(r"_r\d+$")  # mappers.py: later regions of one annotation are <id>_r2, _r3...
+
+
 def results_by_annotation(task: dict) -> dict[str, list[dict]]:
     """Label-carrying results grouped by the Dataloop annotation id their id starts with."""
     out: dict[str, list[dict]] = {}
-    for prediction in task.get("predictions", []):
-        for result in prediction.get("result", []):
+    for prediction in task.get("predictions") or []:
+        if not isinstance(prediction, dict):
+            continue
+        for result in prediction.get("result") or []:
+            if not isinstance(result, dict):
+                continue
             rid = str(result.get("id", ""))
-            base = rid.split("_r", 1)[0] if "_r" in rid else rid
-            out.setdefault(base, []).append(result)
+            out.setdefault(_REGION_SUFFIX.sub("", rid), []).append(result)
     return out
 
 
@@ -141,10 +148,13 @@ def compare_item(item: ItemTracks, task: dict, label_map: dict[str, str] | None 
     for track in item.tracks:
         results = grouped.get(track.annotation_id, [])
         verdict.annotations += 1
-        if media.kind == "video":
-            _compare_video(track, results, media, label_map, tol, verdict)
-        else:
-            _compare_image(track, results, media, label_map, tol, verdict)
+        try:
+            if media.kind == "video":
+                _compare_video(track, results, media, label_map, tol, verdict)
+            else:
+                _compare_image(track, results, media, label_map, tol, verdict)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+            verdict.mismatches.append(Mismatch(track.annotation_id, None, f"malformed result: {err!r}"))
         if len(verdict.mismatches) > max_mismatches:
             break
     return verdict

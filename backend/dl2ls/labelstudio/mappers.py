@@ -19,8 +19,9 @@ from typing import Any, Callable
 import numpy as np
 
 from dl2ls.labelstudio.config import Control, LabelConfig, ObjectTag
+from dl2ls.labelstudio.evaluate import ls_rect_corners
 from dl2ls.tracks import (
-    EXACT_PX, Media, Run, Track, angle_tolerance_deg, bounding_boxes, held_index, keyframes, runs,
+    EXACT_PX, Media, Run, Track, angle_tolerance_deg, bounding_boxes, held_index, interpolate, keyframes, runs,
 )
 
 DIGITS = 6  # percent decimals: 1e-6 % of an 8K frame is 1e-4 px, well inside EXACT_PX
@@ -91,8 +92,10 @@ def video_rectangles(track: Track, track_runs: list[Run], ctx: Context, control:
     that reproduce every frame under the editor's linear interpolation."""
     boxes = ls_rect_px(bounding_boxes(track))
     turning = bool(np.any(boxes[:, 4] != boxes[0, 4]))
-    half_diag = float(np.max(np.hypot(boxes[:, 2], boxes[:, 3]))) / 2
-    tol = np.array([ctx.tol_px] * 4 + [angle_tolerance_deg(ctx.tol_px, half_diag)])
+    diagonal = float(np.max(np.hypot(boxes[:, 2], boxes[:, 3])))
+    tol = np.array([ctx.tol_px] * 4 + [angle_tolerance_deg(ctx.tol_px, diagonal / 2)])
+    # lossy: the error that counts is where the corners land, as verify measures it
+    row_error = (lambda want, got: _corner_errors(want, got) / ctx.tol_px) if ctx.lossy else None
     # an angle must not change by half a turn between keyframes: the editor turns the short way
     max_step = np.array([np.inf] * 4 + [180.0]) if turning else None
     scale = np.array([100.0 / ctx.media.width, 100.0 / ctx.media.height] * 2 + [1.0])
@@ -104,7 +107,9 @@ def video_rectangles(track: Track, track_runs: list[Run], ctx: Context, control:
             values = boxes[held_index(track, frames)]
             if turning:
                 values[:, 4] = np.unwrap(values[:, 4], period=360.0)
-            keys, err = keyframes(values, tol, max_step, lossy=ctx.lossy)
+            keys, err = keyframes(values, tol, max_step, lossy=ctx.lossy, row_error=row_error)
+            if ctx.lossy:
+                err = float(_corner_errors(values, interpolate(values, keys)).max())
             worst = max(worst, err)
             kv = values[keys] * scale  # percent of the frame size (see `percent`)
             kv[:, 4] = np.mod(kv[:, 4], 360.0)
@@ -117,6 +122,12 @@ def video_rectangles(track: Track, track_runs: list[Run], ctx: Context, control:
             "sequence": sequence,
         }))
     return out, worst, emitted
+
+
+def _corner_errors(want: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Per row, the largest distance in pixels (along x or y) between corresponding corners of
+    Label Studio rectangles (x, y, width, height, rotation)."""
+    return np.abs(ls_rect_corners(*want.T) - ls_rect_corners(*got.T)).max(axis=(1, 2))
 
 
 def _sequence(frames0: np.ndarray, kv: np.ndarray, fps: float) -> list[dict]:
@@ -152,9 +163,12 @@ def timeline_labels(track: Track, track_runs: list[Run], ctx: Context, control: 
 
 
 def choices(track: Track, track_runs: list[Run], ctx: Context, control: Control, labels: list[str]):
-    """`choices`: a class on an image, or (approximated) a class over a video as a whole."""
-    out = [("choices", run, {"choices": [label]}) for run, label in zip(track_runs, labels)]
-    return out, 0.0, 0
+    """`choices`: a class on an image, or (approximated) a class over a video as a whole: one
+    result per annotation, with every label it took (the first only, for a single choice)."""
+    chosen = list(dict.fromkeys(labels))
+    if control.attrs.get("choice", "single") not in ("multiple",):
+        chosen = chosen[:1]
+    return [("choices", track_runs[0], {"choices": chosen})], 0.0, 0
 
 
 # ----------------------------------------------------------------------------- image mappers
@@ -205,14 +219,19 @@ def brush_labels(track: Track, track_runs, ctx: Context, control: Control, label
     from label_studio_sdk.converter.brush import mask2rle
 
     url = track.geometry[0]
-    png = base64.b64decode(url.split(",", 1)[1], validate=False)
-    with Image.open(io.BytesIO(png)) as img:
-        img.load()
-        if img.size != (int(ctx.media.width), int(ctx.media.height)):
-            w, h = int(ctx.media.width), int(ctx.media.height)
-            raise _Skip(f"mask is {img.size[0]}x{img.size[1]}, the image {w}x{h}")
-        rgba = np.asarray(img.convert("RGBA"))
-    mask = np.where(rgba[:, :, 3] > 0, 255, 0).astype(np.uint8)
+    w, h = int(ctx.media.width), int(ctx.media.height)
+    try:
+        png = base64.b64decode(url.split(",", 1)[1], validate=False)
+        with Image.open(io.BytesIO(png)) as img:
+            if img.size != (w, h):  # read from the header, before any pixel is decoded
+                raise _Skip(f"mask is {img.size[0]}x{img.size[1]}, the image {w}x{h}")
+            if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
+                raise ValueError(f"mask PNG has no alpha channel (mode {img.mode}): Dataloop's mask is its alpha")
+            alpha = np.asarray(img.convert("RGBA"))[:, :, 3]
+    except (OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"mask is not a readable PNG: {err}") from None
+    # dtlpy's Segmentation reads a pixel as inside where alpha > 127; the editor paints 255
+    mask = np.where(alpha > 127, 255, 0).astype(np.uint8)
     value = {"format": "rle", "rle": mask2rle(mask), "brushlabels": [labels[0]]}
     return [("brushlabels", track_runs[0], value)], 0.0, 0
 
@@ -409,14 +428,26 @@ def _control_value(controls: list[Control], key: str, value: Any) -> tuple[Contr
         values = [str(v) for v in (value if isinstance(value, list) else [value])]
         if control.labels and not all(v in control.labels for v in values):
             return None
+        if len(values) > 1 and control.attrs.get("choice", "single") != "multiple":
+            return None  # a single-choice control cannot hold them all: keep them in meta
         return control, {"choices": values}
     if control.tag == "textarea":
-        return control, {"text": [str(value)]}
-    if control.tag == "number" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return control, {"number": value}
-    if control.tag == "rating" and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return control, {"rating": value}
+        return control, {"text": [str(v) for v in (value if isinstance(value, list) else [value])]}
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if control.tag == "number" and number is not None and _within(number, control.attrs.get("min"),
+                                                                  control.attrs.get("max")):
+        return control, {"number": number}
+    if control.tag == "rating" and number is not None and float(number).is_integer() and \
+            _within(number, "1", control.attrs.get("maxRating", "5")):
+        return control, {"rating": int(number)}
     return None
+
+
+def _within(value: float, low: str | None, high: str | None) -> bool:
+    try:
+        return (low is None or value >= float(low)) and (high is None or value <= float(high))
+    except ValueError:
+        return False
 
 
 def _attribute_result(rid: str, control: Control, ctx: Context, value: dict) -> dict:
@@ -430,9 +461,9 @@ def _attribute_changes(track: Track, run: Run) -> list[dict]:
         return []  # the common case: attributes never change
     lo, hi = run.ranges[0][0], run.ranges[-1][1]
     first, last = held_index(track, np.array([lo, hi])).tolist()
-    out, prev = [], attrs[first]
+    out, prev = [], attrs[first] or None  # [] (v1) and {} (v2) both say "none"
     for i in range(first + 1, last + 1):
-        if track.attributes[i] != prev:
-            prev = track.attributes[i]
-            out.append({"frame": int(ls_frame(track.frames[i])), "attributes": prev})
+        if (attrs[i] or None) != prev:
+            prev = attrs[i] or None
+            out.append({"frame": int(ls_frame(track.frames[i])), "attributes": attrs[i]})
     return out

@@ -36,6 +36,10 @@ def check_template(template: str, fields: tuple[str, ...], option: str) -> None:
     unknown = [n for n in names if n not in fields]
     if unknown:
         raise ValueError(f"{option}: unknown field {{{unknown[0]}}}; use {', '.join('{' + f + '}' for f in fields)}")
+    try:
+        template.format(**{f: "x" for f in fields})
+    except (ValueError, IndexError, KeyError) as err:
+        raise ValueError(f"{option}: {template!r}: {err}") from None
 
 
 def media_url(info: ItemInfo, template: str | None) -> str:
@@ -73,6 +77,8 @@ def to_task(item: ItemTracks, opts: ConvertOptions) -> tuple[dict, Report]:
     by_version: dict[str, list[dict]] = defaultdict(list)
     scores: dict[str, list[float]] = defaultdict(list)
     for track in item.tracks:
+        for warning in track.warnings or ():
+            report.warn(info.origin, warning, track.annotation_id)
         try:
             out = convert_track(track, ctx)
         except (ValueError, ArithmeticError) as err:  # geometry Label Studio cannot show
