@@ -298,6 +298,53 @@ def cmd_push(args) -> int:
     return EXIT_FAILED if report.failed else EXIT_OK
 
 
+# ----------------------------------------------------------------------------- fetch
+
+
+def _dql(path: str | None) -> list[dict]:
+    """--filter: a DQL filter object ({"$and": [...]} or one clause), or a list of clauses."""
+    if not path:
+        return []
+    data = _read_json_file(path, "--filter")
+    if isinstance(data, dict) and "filter" in data:  # a whole query body
+        data = data["filter"]
+    if isinstance(data, dict):
+        return list(data["$and"]) if set(data) == {"$and"} and isinstance(data["$and"], list) else [data]
+    if isinstance(data, list) and all(isinstance(c, dict) for c in data):
+        return data
+    raise UsageError(f"--filter {path}: expected a DQL filter object or a list of clauses")
+
+
+def cmd_fetch(args) -> int:
+    from dl2ls.dataloop import api, write
+    from dl2ls.dataloop.read import split_array
+
+    filters = _dql(args.filter)
+    client = api.DataloopClient()
+    client.me()
+    client.dataset(args.dataset)
+    root = Path(args.output)
+    count = annotations = 0
+    if args.method == "export":
+        data = client.export(args.dataset, filters)
+        for a, b in split_array(data):
+            item = orjson.loads(data[a:b])
+            path = write.item_path(root, item.get("dir"), item.get("filename"), item.get("name"), item["id"])
+            write.write_atomic(path, data[a:b])
+            count += 1
+            annotations += len(item.get("annotations") or [])
+    else:
+        for item in client.query(args.dataset, filters):
+            item["annotations"] = client.item_annotations(item["id"])
+            path = write.item_path(root, item.get("dir"), item.get("filename"), item.get("name"), item["id"])
+            write.write_atomic(path, orjson.dumps(item))
+            count += 1
+            annotations += len(item["annotations"])
+    print(f"fetched {count} items ({annotations} annotations) of dataset {args.dataset} into {root / 'json'} "
+          f"with {client.counters.requests} requests ({client.counters.retries} retried)", file=sys.stderr)
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------- serve
 
 
@@ -448,6 +495,19 @@ def build_parser() -> argparse.ArgumentParser:
     _conversion_options(p)
     p.set_defaults(func=cmd_push)
 
+    p = sub.add_parser("fetch", help="download a Dataloop dataset as an export folder (json/ tree)",
+                       description="Fetch a dataset through Dataloop's REST API and write what an export "
+                                   "would (json/ mirroring the remote folders), so that convert, push and serve "
+                                   "work offline from it. Credentials: DATALOOP_API_KEY, or DATALOOP_USERNAME and "
+                                   "DATALOOP_PASSWORD; DATALOOP_API_URL for another gate.")
+    p.add_argument("--dataset", required=True, metavar="ID")
+    p.add_argument("-o", "--output", default="dataloop-export", metavar="DIR", help="(default: %(default)s)")
+    p.add_argument("--filter", metavar="DQL.json", help="only the items matching this DQL filter")
+    p.add_argument("--method", choices=("export", "query"), default="export",
+                   help="export: one export command (fewest requests); query: items by query, then each "
+                        "item's annotations (default: %(default)s)")
+    p.set_defaults(func=cmd_fetch)
+
     p = sub.add_parser("serve", help="run the ML backend that Label Studio connects to (Settings > Model)",
                        description="Serve Label Studio's ML-backend protocol (/health, /setup, /predict, "
                                    "/webhook) from a Dataloop export, under gunicorn. Environment: "
@@ -485,9 +545,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dl2ls {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as err:
+        from dl2ls.dataloop.api import DataloopError
         from dl2ls.labelstudio.push import PushError
 
-        if not isinstance(err, PushError):
+        if not isinstance(err, (PushError, DataloopError)):
             raise
         print(f"dl2ls {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,242 @@
+"""A local stand-in for Dataloop's REST API, for tests and benchmarks.
+
+Dataloop is a cloud service these tests cannot reach. This Flask app follows the documented
+request and response shapes exactly (shared/reference/dataloop.md, from Dataloop's OpenAPI
+description and its SDK dtlpy): Bearer JWT auth and POST {gate}/token?default; GET /users/me;
+GET /datasets/{id}; POST /datasets/{id}/query with a DQL body (`$and` of field equalities and
+`$gt`), sorted on `id`, paged by `page`/`pageSize`, answering `{items, totalItemsCount,
+totalPagesCount, hasNextPage}`; GET /items/{id}; GET /items/{id}/annotations (a plain array);
+POST /datasets/{id}/export -> a command polled with GET /commands/{id} until `success`, whose
+`spec.outputItemId` streams a JSON array of items with their annotations.
+
+It serves whatever items a test puts in `datasets`, counts every request by route, and injects
+faults on demand: 429 with Retry-After, 503, a dropped connection, an expired token.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from flask import Flask, jsonify, request
+from werkzeug.serving import make_server
+
+
+def make_jwt(exp: float, sub: str = "tester@example.com") -> str:
+    def part(obj):
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+    return f"{part({'alg': 'none'})}.{part({'exp': exp, 'email': sub})}.sig"
+
+
+class DataloopStandIn:
+    def __init__(self, username: str = "tester@example.com", password: str = "pw"):
+        self.datasets: dict[str, dict[str, dict]] = {}  # dataset id -> item id -> item (with annotations)
+        self.api_key = make_jwt(time.time() + 3600)
+        self.valid_tokens = {self.api_key}
+        self.credentials = (username, password)
+        self.faults: list[tuple] = []  # consumed one per request: ("429", secs) | ("503",) | ("drop",)
+        self.expire_next: set[str] = set()  # tokens answered with 401 once
+        self.requests: Counter = Counter()
+        self.commands: dict[str, dict] = {}
+        self.export_polls = 2
+        self.lock = threading.Lock()
+        self.app = self._build()
+        self.server = None
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def put_item(self, dataset_id: str, item: dict, touch: bool = True) -> None:
+        item = copy.deepcopy(item)
+        item["datasetId"] = dataset_id
+        if touch:
+            item["updatedAt"] = self.now()
+        item["annotationsCount"] = len(item.get("annotations") or [])
+        self.datasets.setdefault(dataset_id, {})[item["id"]] = item
+
+    @staticmethod
+    def now() -> str:
+        t = time.time()
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+    # -- server ---------------------------------------------------------------------------------
+
+    def start(self) -> "DataloopStandIn":
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/api/v1"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+    def _build(self) -> Flask:
+        app = Flask("dataloop-standin")
+        standin = self
+
+        @app.before_request
+        def faults_and_auth():
+            route = request.url_rule.rule if request.url_rule else request.path
+            standin.requests[route] += 1
+            with standin.lock:
+                fault = standin.faults.pop(0) if standin.faults else None
+            if fault and fault[0] == "429":
+                return jsonify(message="rate limited"), 429, {"Retry-After": str(fault[1])}
+            if fault and fault[0] == "503":
+                return jsonify(message="unavailable"), 503
+            if fault and fault[0] == "drop":
+                sock = request.environ.get("werkzeug.socket")
+                if sock is not None:
+                    import socket as _socket
+
+                    sock.shutdown(_socket.SHUT_RDWR)
+                    sock.close()
+                return "", 500
+            if request.path.startswith("/token"):
+                return None
+            header = request.headers.get("Authorization", "")
+            token = header[7:] if header.startswith("Bearer ") else None
+            if token in standin.expire_next:
+                standin.expire_next.discard(token)
+                standin.valid_tokens.discard(token)
+                return jsonify(message="jwt expired"), 401
+            if token not in standin.valid_tokens:
+                return jsonify(message="unauthorized"), 401
+            return None
+
+        @app.post("/token")
+        def token():
+            body = request.get_json(force=True)
+            if body.get("type") == "user_credentials" and (body.get("username"), body.get("password")) == \
+                    standin.credentials:
+                pass
+            elif body.get("type") == "refresh_token" and body.get("refresh_token") == "refresh-me":
+                pass
+            else:
+                return jsonify(message="invalid credentials"), 401
+            new = make_jwt(time.time() + 3600)
+            standin.valid_tokens.add(new)
+            return jsonify(id_token=new, refresh_token="refresh-me")
+
+        @app.get("/api/v1/users/me")
+        def me():
+            return jsonify(id="tester@example.com", email="tester@example.com")
+
+        @app.get("/api/v1/datasets/<dataset_id>")
+        def dataset(dataset_id):
+            if dataset_id not in standin.datasets:
+                return jsonify(message="not found"), 404
+            return jsonify(id=dataset_id, name=f"dataset {dataset_id}", itemsCount=len(standin.datasets[dataset_id]))
+
+        @app.post("/api/v1/datasets/<dataset_id>/query")
+        def query(dataset_id):
+            if dataset_id not in standin.datasets:
+                return jsonify(message="not found"), 404
+            body = request.get_json(force=True)
+            resource = body.get("resource", "items")
+            items = standin.datasets[dataset_id].values()
+            if resource == "annotations":
+                rows = [dict(a, itemId=i["id"]) for i in items for a in (i.get("annotations") or [])]
+            else:
+                rows = [{k: v for k, v in i.items() if k != "annotations"} | {"type": "file", "hidden": False}
+                        for i in items]
+            rows = [r for r in rows if _matches(r, body.get("filter") or {})]
+            rows.sort(key=lambda r: r["id"])
+            page, size = int(body.get("page", 0)), int(body.get("pageSize", 1000))
+            chunk = rows[page * size:(page + 1) * size]
+            pages = (len(rows) + size - 1) // size
+            return jsonify(items=chunk, totalItemsCount=len(rows), totalPagesCount=pages,
+                           hasNextPage=page + 1 < pages)
+
+        @app.get("/api/v1/items/<item_id>")
+        def item(item_id):
+            found = standin._find(item_id)
+            if found is None:
+                return jsonify(message="not found"), 404
+            return jsonify({k: v for k, v in found.items() if k != "annotations"})
+
+        @app.get("/api/v1/items/<item_id>/annotations")
+        def annotations(item_id):
+            found = standin._find(item_id)
+            if found is None:
+                return jsonify(message="not found"), 404
+            return jsonify(found.get("annotations") or [])
+
+        @app.post("/api/v1/datasets/<dataset_id>/export")
+        def export(dataset_id):
+            body = request.get_json(force=True)
+            items = list(standin.datasets.get(dataset_id, {}).values())
+            flt = ((body.get("itemsQuery") or {}).get("filter")) or {}
+            items = [i for i in items if _matches(i, flt)]
+            cid = f"cmd{len(standin.commands) + 1}"
+            done = standin.export_polls <= 0  # an export small enough to be ready at once
+            standin.commands[cid] = {"id": cid, "status": "success" if done else "created", "polls": 0,
+                                     "spec": {"outputItemId": f"export-{cid}"}, "payload": items}
+            return jsonify(id=cid, status=standin.commands[cid]["status"],
+                           spec=standin.commands[cid]["spec"] if done else {})
+
+        @app.get("/api/v1/commands/<cid>")
+        def command(cid):
+            cmd = standin.commands[cid]
+            cmd["polls"] += 1
+            if cmd["polls"] >= standin.export_polls:
+                cmd["status"] = "success"
+            else:
+                cmd["status"] = "in-progress"
+            return jsonify(id=cid, status=cmd["status"],
+                           spec=cmd["spec"] if cmd["status"] == "success" else {})
+
+        @app.get("/api/v1/items/<item_id>/stream")
+        def stream(item_id):
+            cmd = next((c for c in standin.commands.values() if c["spec"]["outputItemId"] == item_id), None)
+            if cmd is None:
+                return jsonify(message="not found"), 404
+            return app.response_class(json.dumps(cmd["payload"]), mimetype="application/json")
+
+        return app
+
+    def _find(self, item_id: str) -> dict | None:
+        for items in self.datasets.values():
+            if item_id in items:
+                return items[item_id]
+        return None
+
+
+def _matches(row: dict, flt: Any) -> bool:
+    """The DQL subset dtlpy and dl2ls send: {"$and": [...]}, {"$or": [...]}, {field: value},
+    {field: {"$gt"|"$gte"|"$lt"|"$in"|"$ne": value}}; dotted field names reach into objects."""
+    if not flt:
+        return True
+    if "$and" in flt:
+        return all(_matches(row, f) for f in flt["$and"])
+    if "$or" in flt:
+        return any(_matches(row, f) for f in flt["$or"])
+    for key, want in flt.items():
+        value: Any = row
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(want, dict):
+            for op, arg in want.items():
+                if not _compare(op, value, arg):
+                    return False
+        elif value != want:
+            return False
+    return True
+
+
+def _compare(op: str, value: Any, arg: Any) -> bool:
+    if op == "$in":
+        return value in arg
+    if op == "$ne":
+        return value != arg
+    if value is None:
+        return False
+    return {"$gt": value > arg, "$gte": value >= arg, "$lt": value < arg}.get(op, False)
