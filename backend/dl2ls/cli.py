@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -345,6 +346,53 @@ def cmd_fetch(args) -> int:
     return EXIT_OK
 
 
+# ----------------------------------------------------------------------------- sync
+
+
+def cmd_sync(args) -> int:
+    from dl2ls import sync
+    from dl2ls.dataloop.api import DataloopClient, DataloopError
+    from dl2ls.labelstudio import push
+
+    options = _convert_options(args)
+    defaults = _defaults(args)
+    filters = _dql(args.filter)
+    try:
+        every = sync.parse_every(args.every) if args.every else None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    client = DataloopClient()
+    pusher = push.Pusher(os.environ.get("LABEL_STUDIO_URL", ""), os.environ.get("LABEL_STUDIO_API_KEY", ""))
+
+    def job() -> int:
+        try:
+            state = sync.State(args.state)
+        except sync.SyncBusy as err:
+            print(f"dl2ls sync: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        report = Report()
+        try:
+            summary = sync.run_once(client, pusher, args.dataset, args.project, state, filters, options, defaults,
+                                    report)
+        except (DataloopError, push.PushError, InputError) as err:
+            if every is None:
+                raise
+            log.error("sync run failed: %s", err)  # the schedule goes on; the next run retries
+            return EXIT_FAILED
+        finally:
+            state.close()
+        for problem in report.problems:
+            if problem.outcome != "approximated":
+                print(problem.line(), file=sys.stderr)
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {summary.line()}", file=sys.stderr, flush=True)
+        return EXIT_FAILED if report.failed else EXIT_OK
+
+    if every is None:
+        return job()
+    sync.schedule(job, every)
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------- serve
 
 
@@ -508,6 +556,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "item's annotations (default: %(default)s)")
     p.set_defaults(func=cmd_fetch)
 
+    p = sub.add_parser("sync", help="keep a Label Studio project's predictions in step with a Dataloop dataset",
+                       description="Fetch what changed in Dataloop since the last run (first run: everything), "
+                                   "convert it against the project's labeling config and upsert it with push's "
+                                   "logic. Incremental: an unchanged dataset costs a handful of Dataloop requests "
+                                   "and no Label Studio writes. State (cursor, per-item hashes) in SQLite; a run "
+                                   "killed anywhere converges on the next. Credentials as for fetch and push.")
+    p.add_argument("--dataset", required=True, metavar="ID", help="the Dataloop dataset")
+    p.add_argument("--project", required=True, type=int, metavar="ID", help="the Label Studio project")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--once", action="store_true", help="one run, for cron or a Kubernetes CronJob")
+    when.add_argument("--every", metavar="INTERVAL", help="run now and then every INTERVAL (e.g. 15m, 1h), "
+                                                         "with jitter, never two runs at once")
+    p.add_argument("--state", default="dl2ls-state.sqlite", metavar="PATH", help="(default: %(default)s)")
+    p.add_argument("--filter", metavar="DQL.json", help="only the items matching this DQL filter")
+    _conversion_options(p, with_config=False)
+    p.set_defaults(func=cmd_sync, label_config=None)
+
     p = sub.add_parser("serve", help="run the ML backend that Label Studio connects to (Settings > Model)",
                        description="Serve Label Studio's ML-backend protocol (/health, /setup, /predict, "
                                    "/webhook) from a Dataloop export, under gunicorn. Environment: "
@@ -548,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         from dl2ls.dataloop.api import DataloopError
         from dl2ls.labelstudio.push import PushError
 
-        if not isinstance(err, (PushError, DataloopError)):
+        if not isinstance(err, (PushError, DataloopError, InputError)):
             raise
         print(f"dl2ls {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -57,6 +57,7 @@ class ExistingTask:
     id: int
     data: dict
     predictions: dict[str, list[tuple[int, str]]]  # model_version -> [(prediction id, hash)]
+    annotations: int = 0  # people's annotations on it
 
 
 @dataclass
@@ -210,8 +211,9 @@ class Pusher:
 
         what = f"tasks of project {project_id}"
         try:
-            tasks = {t.id: ExistingTask(t.id, dict(t.data or {}), {}) for t in self._call(
-                what, self.client.tasks.list, project=project_id, include="id,data", page_size=1000)}
+            tasks = {t.id: ExistingTask(t.id, dict(t.data or {}), {}, t.total_annotations or 0) for t in self._call(
+                what, self.client.tasks.list, project=project_id, include="id,data,total_annotations",
+                page_size=1000)}
         except ApiError as err:  # the pager fetches further pages lazily, outside _call
             raise PushError(self._explain(what, err.status_code, err.body)) from None
         for p in self._call(f"predictions of project {project_id}", self.client.predictions.list,
@@ -258,6 +260,9 @@ class Pusher:
 
     def delete_prediction(self, prediction_id: int) -> None:
         self._call(f"delete prediction {prediction_id}", self.client.predictions.delete, prediction_id)
+
+    def delete_task(self, task_id: int) -> None:
+        self._call(f"delete task {task_id}", self.client.tasks.delete, str(task_id))
 
     def update_task_data(self, task_id: int, data: dict) -> None:
         self._call(f"update task {task_id}", self.client.tasks.update, str(task_id), data=data)
