@@ -66,6 +66,9 @@ class DataloopStandIn:
     # -- server ---------------------------------------------------------------------------------
 
     def start(self) -> "DataloopStandIn":
+        import logging
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self

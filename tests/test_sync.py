@@ -144,3 +144,37 @@ def test_two_syncs_on_one_state_are_refused(world, capsys):
         assert code == 2 and "another dl2ls sync is running" in err
     finally:
         holder.close()
+
+
+def test_many_candidates_are_read_through_one_export(world, ls_env, capsys, monkeypatch):
+    from dl2ls import sync as sync_module
+
+    standin, pid, state = world
+    monkeypatch.setattr(sync_module, "EXPORT_AT", 1)
+    standin.export_polls = 0
+    code, _ = sync(capsys, pid, state)
+    assert code == 0
+    assert standin.requests["/api/v1/datasets/<dataset_id>/export"] == 1
+    assert standin.requests["/api/v1/items/<item_id>/annotations"] == 0
+    assert len(held(ls_env, pid)) == 6
+
+
+def test_every_runs_on_a_schedule_until_interrupted(world, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, pid, state = world
+    proc = subprocess.Popen([sys.executable, "-m", "dl2ls.cli", "sync", "--dataset", "ds1", "--project", str(pid),
+                             "--every", "10s", "--state", str(state)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while time.monotonic() < deadline and "sync: items seen" not in line:
+            line = proc.stderr.readline()
+        assert "sync: items seen 6" in line
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert proc.returncode == 0

@@ -4,8 +4,9 @@ One run:
 1. lists the dataset's items (id, updatedAt, annotationsCount: a page per 1,000 items) and asks
    for annotations updated since the last run (one query), so that an edited, added or deleted
    annotation, a new item and a deleted item are all noticed without reading every item;
-2. reads the annotations of the candidates only, and drops those whose content hash has not
-   changed (a touched item with the same annotations writes nothing);
+2. reads the annotations of the candidates only (through one export command when they are many,
+   as on the first run), and drops those whose content hash has not changed (a touched item with
+   the same annotations writes nothing);
 3. converts the rest against the project's labeling config and writes them with push's logic
    (new items -> tasks with predictions; changed ones -> their predictions replaced per
    model_version; versions an item no longer has -> deleted); a deleted item loses our
@@ -37,6 +38,7 @@ import orjson
 
 from dl2ls.dataloop.api import DataloopClient
 from dl2ls.dataloop.model import MediaDefaults, decode_item
+from dl2ls.dataloop.read import split_array
 from dl2ls.labelstudio import config as lsconfig
 from dl2ls.labelstudio import push
 from dl2ls.labelstudio.tasks import ConvertOptions, to_task
@@ -46,6 +48,7 @@ from dl2ls.tracks import item_tracks
 log = logging.getLogger("dl2ls.sync")
 
 SKEW = dt.timedelta(minutes=5)  # re-read annotations touched this long before the last run began
+EXPORT_AT = 50  # more candidates than this (and a fifth of the dataset): one export, not a read per item
 
 
 class SyncBusy(Exception):
@@ -144,11 +147,18 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
     deleted = [item_id for item_id in known if item_id not in listing]
     summary.candidates = len(candidates)
 
-    # 2. read the candidates; keep those whose annotations really changed
+    # 2. read the candidates (many at once through the export command, as the first run does);
+    #    keep those whose annotations really changed
+    exported: dict[str, list] = {}
+    if len(candidates) > max(EXPORT_AT, len(listing) // 5):
+        data = client.export(dataset_id, filters)
+        for a, b in split_array(data):
+            entry = orjson.loads(data[a:b])
+            exported[entry["id"]] = entry.get("annotations") or []
     changed: list[tuple[str, dict, str]] = []
     for item_id in candidates:
         item = dict(listing[item_id])
-        item["annotations"] = client.item_annotations(item_id)
+        item["annotations"] = exported[item_id] if item_id in exported else client.item_annotations(item_id)
         digest = content_hash(item["annotations"])
         if item_id in known and known[item_id][2] == digest:
             continue
