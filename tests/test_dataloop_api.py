@@ -153,3 +153,12 @@ def test_fetch_without_credentials_is_a_usage_line(monkeypatch, tmp_path, capsys
         monkeypatch.delenv(key, raising=False)
     assert main(["fetch", "--dataset", "ds1", "-o", str(tmp_path)]) == 2
     assert "no Dataloop credentials" in capsys.readouterr().err
+
+
+def test_retry_after_zero_does_not_spin_forever(env):
+    env.faults = [("429", 0)] * 100
+    client = DataloopClient(backoff=0.01, max_wait=60)
+    t = time.monotonic()
+    with pytest.raises(DataloopError, match="gave up after 12 attempts"):
+        client.me()
+    assert time.monotonic() - t < 5

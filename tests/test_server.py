@@ -55,3 +55,21 @@ def test_setup_returns_the_model_version_and_refuses_unreadable_configs(app):
     r = client.post("/setup", json={"project": "1.1", "schema": "<View>"})
     assert r.status_code == 400 and "not valid XML" in r.json["error"]
     assert client.get("/health").json["status"] == "UP"
+
+
+def test_basic_auth_needs_both_halves_and_takes_any_text(tmp_path, monkeypatch):
+    import base64
+
+    (tmp_path / "clip.mp4.json").write_text(json.dumps(video_item([box_annotation("a1", end=5)])))
+    monkeypatch.setenv("BASIC_AUTH_USER", "ls")
+    monkeypatch.delenv("BASIC_AUTH_PASS", raising=False)
+    with pytest.raises(SystemExit, match="both BASIC_AUTH_USER and BASIC_AUTH_PASS"):
+        server.create_app(str(tmp_path))
+    monkeypatch.setenv("BASIC_AUTH_PASS", "pässwörd")
+    client = server.create_app(str(tmp_path)).test_client()
+    good = base64.b64encode("ls:pässwörd".encode()).decode()
+    odd = base64.b64encode("lß:x".encode()).decode()
+    assert client.post("/setup", json={}, headers={"Authorization": f"Basic {good}"}).status_code == 200
+    assert client.post("/setup", json={}, headers={"Authorization": f"Basic {odd}"}).status_code == 401
+    assert client.post("/setup", json={}).status_code == 401
+    assert client.get("/health").status_code == 200

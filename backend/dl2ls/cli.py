@@ -278,7 +278,7 @@ def cmd_push(args) -> int:
     planner = push.Planner(existing, obj.data_key, args.match)
     stats, report = push.Stats(), Report()
     tasks = convert_entries(_entries(args.sources, "push"), options, defaults, report)
-    changes = (planner.plan(task, stats) for task in tasks)
+    changes = (planner.plan(task, stats, lambda w: report.warn("push", w)) for task in tasks)
     push.apply(pusher, project_id, changes, dry_run=args.dry_run)
     if stats.versions and not args.dry_run:
         # the labeling stream shows only predictions of the project's model_version; a new
@@ -367,7 +367,7 @@ def cmd_sync(args) -> int:
     def job() -> int:
         try:
             state = sync.State(args.state)
-        except sync.SyncBusy as err:
+        except (sync.SyncBusy, sync.StateError) as err:
             print(f"dl2ls sync: {err}", file=sys.stderr)
             return EXIT_USAGE
         report = Report()
@@ -401,8 +401,11 @@ def cmd_serve(args) -> int:
 
     if not Path(args.source).exists():
         raise UsageError(f"--source {args.source}: no such file or folder")
-    workers = int(os.environ.get("WORKERS", "1"))
-    threads = int(os.environ.get("THREADS", "8"))
+    try:
+        workers = int(os.environ.get("WORKERS", "1"))
+        threads = int(os.environ.get("THREADS", "8"))
+    except ValueError:
+        raise UsageError("WORKERS and THREADS must be whole numbers") from None
     log.info("serving %s on %s:%d (%d workers x %d threads)", args.source, args.host, args.port, workers, threads)
     serve(args.source, args.host, args.port, workers, threads)
     return EXIT_OK
@@ -609,19 +612,19 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"dl2ls {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("dl2ls: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         from dl2ls.dataloop.api import DataloopError
         from dl2ls.labelstudio.push import PushError
 
+        if isinstance(err, BrokenPipeError):  # e.g. `dl2ls label-config ... | head`
+            return EXIT_FAILED
         if not isinstance(err, (PushError, DataloopError, InputError)):
             raise
         print(f"dl2ls {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("dl2ls: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -130,18 +130,27 @@ class Predictor:
         if where is None:
             return {"result": [], "model_version": self.model_version}
         origin, locator = where
-        key = (locator, self.index.signature, config_key)  # a changed source changes the signature
+        signature = self.index.signature
+        key = (locator, signature, config_key)  # a changed source changes the signature
         with self.lock:
             hit = self.cache.get(key)
             if hit is not None:
                 self.cache.move_to_end(key)
                 return hit
         try:
-            item = item_tracks(load_item(locator, origin), origin, self.index.defaults)
+            loaded = load_item(locator, origin)
+            wanted = data.get("dataloop_item_id")
+            if wanted and (loaded.id or loaded.id_) != wanted:
+                # the source changed under the index (an array rewritten): index again, once
+                self.index.refresh(force=True)
+                if self.index.signature == signature:
+                    raise InputError(origin, None, f"holds item {loaded.id or loaded.id_}, not {wanted}")
+                return self.predict(task, config, config_key)
+            item = item_tracks(loaded, origin, self.index.defaults)
             converted, _ = to_task(item, ConvertOptions(config=config))
         except InputError as err:
-            log.warning("%s", err)
-            return {"result": [], "model_version": self.model_version}
+            # not an empty answer: Label Studio would keep it and never ask again
+            raise Unavailable(f"item {data.get('dataloop_item_id') or origin}: {err.reason}") from None
         results = [r for p in converted["predictions"] for r in p["result"]]
         scores = [r["score"] for r in results if "score" in r and r.get("type") != "choices"]
         prediction = {"result": results, "model_version": self.model_version}
@@ -157,6 +166,10 @@ class Predictor:
 
 class BadRequest(Exception):
     pass
+
+
+class Unavailable(Exception):
+    """The item is indexed but cannot be converted now (a 503, so that Label Studio asks again)."""
 
 
 def _config_from(body: dict) -> tuple[lsconfig.LabelConfig, str]:
@@ -175,10 +188,11 @@ def _authorized(user: str, password: str) -> bool:
     if not header.startswith("Basic "):
         return False
     try:
-        given_user, _, given_pass = base64.b64decode(header[6:]).decode().partition(":")
-    except (ValueError, UnicodeDecodeError):
+        given_user, _, given_pass = base64.b64decode(header[6:], validate=True).partition(b":")
+    except ValueError:
         return False
-    return hmac.compare_digest(given_user, user) and hmac.compare_digest(given_pass, password)
+    # bytes, so that any text compares in constant time
+    return hmac.compare_digest(given_user, user.encode()) & hmac.compare_digest(given_pass, password.encode())
 
 
 def create_app(source: str | list[str] | None = None, model_version: str | None = None) -> Flask:
@@ -191,6 +205,8 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
     index = SourceIndex(sources, defaults)
     predictor = Predictor(index, version)
     user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
+    if bool(user) != bool(password):
+        raise SystemExit("dl2ls serve: set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
 
     app = Flask("dl2ls")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
@@ -212,8 +228,7 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
 
     @app.get("/")
     @app.get("/health")
-    def health():
-        index.refresh()
+    def health():  # no file I/O: Label Studio gives /health one second
         return jsonify(status="UP", model_class="dl2ls", model_version=version,
                        items=index.count)
 
@@ -245,6 +260,11 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
     @app.errorhandler(BadRequest)
     def bad_request(err):
         return jsonify(error=str(err)), 400
+
+    @app.errorhandler(Unavailable)
+    def unavailable(err):
+        log.warning("%s", err)
+        return jsonify(error=str(err)), 503
 
     @app.errorhandler(HTTPException)
     def http_error(err):

@@ -55,6 +55,10 @@ class SyncBusy(Exception):
     """Another sync holds the state's lock."""
 
 
+class StateError(Exception):
+    """The state file cannot be used (not SQLite, not writable)."""
+
+
 @dataclass
 class RunSummary:
     seen: int = 0
@@ -78,19 +82,27 @@ class State:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+")
+        try:
+            self.lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+")
+        except OSError as err:
+            raise StateError(f"cannot open the state's lock file next to {self.path}: {err.strerror}") from None
         try:
             fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.lock_file.close()
             raise SyncBusy(f"another dl2ls sync is running on {self.path} (its lock file is held)") from None
-        self.db = sqlite3.connect(self.path)
-        self.db.executescript("""
-            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-            CREATE TABLE IF NOT EXISTS items (
-                item_id TEXT PRIMARY KEY, updated_at TEXT, annotations INTEGER, content_hash TEXT,
-                versions TEXT);
-        """)
+        try:
+            self.db = sqlite3.connect(self.path)
+            self.db.executescript("""
+                CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+                CREATE TABLE IF NOT EXISTS items (
+                    item_id TEXT PRIMARY KEY, updated_at TEXT, annotations INTEGER, content_hash TEXT,
+                    versions TEXT);
+            """)
+        except sqlite3.Error as err:
+            fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+            self.lock_file.close()
+            raise StateError(f"{self.path} is not a dl2ls state (SQLite said: {err})") from None
 
     def close(self) -> None:
         self.db.close()
@@ -112,8 +124,22 @@ class State:
             self.db.executemany("DELETE FROM items WHERE item_id = ?", [(i,) for i in deleted])
 
 
-def content_hash(annotations: list) -> str:
-    return hashlib.sha1(orjson.dumps(annotations, option=orjson.OPT_SORT_KEYS)).hexdigest()
+def content_hash(item: dict, fingerprint: str) -> str:
+    """What decides whether an item must be written again: its annotations, the metadata that
+    shapes the task (size, clock, names), and the conversion's own settings and config."""
+    md = item.get("metadata") or {}
+    system = md.get("system") or {}
+    shaping = {k: item.get(k) for k in ("filename", "dir", "name", "stream")}
+    shaping.update({"fps": md.get("fps"), **{k: system.get(k) for k in ("fps", "width", "height", "nb_frames",
+                                                                        "duration", "mimetype")}})
+    doc = {"annotations": item.get("annotations"), "item": shaping, "settings": fingerprint}
+    return hashlib.sha1(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)).hexdigest()
+
+
+def settings_fingerprint(options: ConvertOptions, config_xml: str) -> str:
+    parts = [config_xml, options.model_version, options.media_url or "", repr(options.tolerance_px),
+             json.dumps(options.label_map, sort_keys=True)]
+    return hashlib.sha1("\x00".join(parts).encode()).hexdigest()
 
 
 def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, project_id: int, state: State,
@@ -130,18 +156,29 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
         raise InputError(str(state.path), None, f"this state belongs to dataset {state.get('dataset')} and project "
                                                 f"{state.get('project')}: use another --state")
 
+    # the project's config decides the conversion: read it first (it is part of every item's hash)
+    project = pusher.project(project_id)
+    try:
+        options.config = lsconfig.parse(project.label_config or "")
+    except lsconfig.ConfigError as err:
+        raise InputError(f"project {project_id}", None, f"its labeling config: {err}") from None
+    fingerprint = settings_fingerprint(options, project.label_config or "")
+
     # 1. what Dataloop has now, and what changed since the cursor
     known = state.items()
     listing = {item["id"]: item for item in client.query(dataset_id, filters)}
     summary.seen = len(listing)
     cursor = state.get("cursor")
     touched: set[str] = set()
+    newest = [item.get("updatedAt") or "" for item in listing.values()]
     if cursor:
         since = [{"updatedAt": {"$gt": cursor}}]
-        touched = {a.get("itemId") for a in client.query(dataset_id, since, resource="annotations")}
+        for annotation in client.query(dataset_id, since, resource="annotations"):
+            touched.add(annotation.get("itemId"))
+            newest.append(annotation.get("updatedAt") or "")
     candidates = [
         item_id for item_id, item in listing.items()
-        if item_id not in known or item_id in touched
+        if item_id not in known or item_id in touched or known[item_id][2] is None  # new, touched, failed
         or known[item_id][0] != item.get("updatedAt") or known[item_id][1] != item.get("annotationsCount")
     ]
     deleted = [item_id for item_id in known if item_id not in listing]
@@ -159,7 +196,7 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
     for item_id in candidates:
         item = dict(listing[item_id])
         item["annotations"] = exported[item_id] if item_id in exported else client.item_annotations(item_id)
-        digest = content_hash(item["annotations"])
+        digest = content_hash(item, fingerprint)
         if item_id in known and known[item_id][2] == digest:
             continue
         changed.append((item_id, item, digest))
@@ -169,8 +206,6 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
     rows: list[tuple] = [(i, listing[i].get("updatedAt"), listing[i].get("annotationsCount"), known[i][2], known[i][3])
                          for i in candidates if i in known and i not in {c[0] for c in changed}]
     if changed or deleted:
-        project = pusher.project(project_id)
-        options.config = lsconfig.parse(project.label_config or "")
         existing = pusher.existing_tasks(project_id)
         by_item = {t.data.get("dataloop_item_id"): t for t in existing}
         planner = push.Planner(existing, options.config.objects[0].data_key)
@@ -184,9 +219,14 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
                 except InputError as err:
                     report.item_failed(err)
                     summary.failed += 1
+                    # remembered without a hash: a candidate again on every run until it converts
+                    rows.append((item_id, item.get("updatedAt"), item.get("annotationsCount"), None,
+                                 known[item_id][3] if item_id in known else None))
                     continue
                 report.merge(item_report)
-                change = planner.plan(task, summary.stats)
+                change = planner.plan(task, summary.stats, lambda w, where=origin: report.warn(where, w))
+                if change is None:
+                    continue
                 versions = {p["model_version"] for p in task["predictions"]}
                 previous = set(json.loads(known[item_id][3])) if item_id in known and known[item_id][3] else set()
                 task_now = by_item.get(item_id)
@@ -208,17 +248,30 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
         push.apply(pusher, project_id, changes())
         for item_id in deleted:
             task_now = by_item.get(item_id)
-            if task_now is not None and not task_now.annotations:
-                pusher.delete_task(task_now.id)  # nobody annotated it: it goes with the item
-        if summary.stats.versions:
+            ours = set(json.loads(known[item_id][3] or "[]"))
+            if task_now is not None and not task_now.annotations and set(task_now.predictions) <= ours:
+                pusher.delete_task(task_now.id)  # nobody annotated it and nothing else is on it
+        if summary.stats.versions and not project.model_version:
+            # an empty project shows predictions of its model_version only: give it ours once;
+            # a version someone chose is theirs to keep
             pusher.set_model_version(project_id, summary.stats.versions.most_common(1)[0][0])
 
     # 4. remember, only now that Label Studio has accepted everything
-    state.commit({"dataset": dataset_id, "project": str(project_id),
-                  "cursor": (begun - SKEW).strftime("%Y-%m-%dT%H:%M:%S.000Z")}, rows, deleted)
+    # the cursor follows Dataloop's clock (the newest updatedAt it showed), not this machine's
+    latest = max([t for t in newest if t] or [cursor or (begun - SKEW).strftime("%Y-%m-%dT%H:%M:%S.000Z")])
+    state.commit({"dataset": dataset_id, "project": str(project_id), "cursor": _minus(latest, SKEW)}, rows, deleted)
     summary.dataloop_requests = client.counters.requests - requests_before
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _minus(stamp: str, delta: dt.timedelta) -> str:
+    """An ISO timestamp as Dataloop writes them, moved back by delta (unparseable: unchanged)."""
+    try:
+        moment = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")) - delta
+    except ValueError:
+        return stamp
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def parse_every(text: str) -> float:

@@ -32,6 +32,8 @@ DEFAULT_URL = "https://gate.dataloop.ai/api/v1"
 PAGE_SIZE = 1000
 POLL_SCHEDULE = (2, 4, 8, 16, 30)  # seconds between command polls, then 30 s on
 TERMINAL = {"success", "failed", "timeout", "canceled", "aborted"}
+MAX_ATTEMPTS = 12  # per request, whatever the waits: a server answering "retry now" forever is a failure
+MIN_DELAY = 0.05
 
 
 class DataloopError(Exception):
@@ -112,7 +114,7 @@ class DataloopClient:
               stream: bool = False) -> requests.Response:
         """One logical request, retried on connection errors, 5xx and 429 with exponential backoff
         and jitter (Retry-After wins), until max_wait seconds of waiting are spent."""
-        waited, attempt = 0.0, 0
+        waited, attempt, relogged = 0.0, 0, False
         while True:
             headers = {"Authorization": f"Bearer {self._bearer()}"} if auth else {}
             self.counters.requests += 1
@@ -124,15 +126,15 @@ class DataloopClient:
             except (requests.ConnectionError, requests.Timeout) as err:
                 response, problem = None, type(err).__name__
             if response is not None:
-                if response.status_code == 401 and auth and not self._api_key and attempt == 0:
-                    self._token = None  # an expired session: log in again once
-                    attempt += 1
+                if response.status_code == 401 and auth and not self._api_key and not relogged:
+                    self._token = None  # an expired session: log in again, once
+                    relogged = True
                     continue
                 if response.status_code != 429 and response.status_code < 500:
                     return response
                 problem = f"HTTP {response.status_code}"
             delay = self._delay(response, attempt)
-            if waited + delay > self.max_wait:
+            if waited + delay > self.max_wait or attempt + 1 >= MAX_ATTEMPTS:
                 raise DataloopError(f"{method} {self._path(url)}: gave up after {attempt + 1} attempts and "
                                     f"{waited:.0f} s of waiting ({problem})")
             log.debug("%s %s: %s, retrying in %.1f s", method, self._path(url), problem, delay)
@@ -146,7 +148,7 @@ class DataloopClient:
             retry_after = response.headers.get("Retry-After")
             if retry_after:
                 try:
-                    return max(0.0, float(retry_after))
+                    return max(MIN_DELAY, float(retry_after))
                 except ValueError:
                     pass
         return min(60.0, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
@@ -171,7 +173,11 @@ class DataloopClient:
                 route: str | None = None) -> Any:
         response = self._send(method, f"{self.base}{path}", json_body=json_body, route=route or path)
         self._check(response, what or f"{method} {path}")
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise DataloopError(f"{what or path}: Dataloop answered {response.status_code} with no JSON "
+                                f"({response.text[:80]!r})") from None
 
     # -- resources ------------------------------------------------------------------------------
 

@@ -91,6 +91,9 @@ class Change:
     data_update: dict | None = None  # data keys an existing task lacks (fps, Dataloop ids)
 
 
+OWNED_KEYS = ("fps", "dataloop_item_id", "dataloop_dataset_id", "dataloop_filename")  # task data dl2ls keeps
+
+
 class Planner:
     """Decides, per converted task, what must change in the project (no I/O)."""
 
@@ -99,11 +102,18 @@ class Planner:
         self.match = match
         self.by_item: dict[str, ExistingTask] = {}
         self.by_name: dict[str, ExistingTask] = {}
+        self.shared: dict[str, list[int]] = {}  # item id -> task ids, when several tasks claim one item
+        self.claimed: set[int] = set()  # tasks an item of this run already took
+        self.seen_items: set[str] = set()
         for task in existing:
             item_id = task.data.get("dataloop_item_id")
             if item_id:
+                if item_id in self.by_item:
+                    self.shared.setdefault(item_id, [self.by_item[item_id].id]).append(task.id)
                 self.by_item.setdefault(item_id, task)
-            name = media_name(task.data.get(data_key)) or media_name(task.data.get("dataloop_filename"))
+                continue
+            # only tasks that belong to no Dataloop item yet may be found by their media's name
+            name = media_name(task.data.get(data_key))
             if name:
                 self.by_name.setdefault(name, task)
 
@@ -111,11 +121,25 @@ class Planner:
         data = task["data"]
         found = self.by_item.get(data.get("dataloop_item_id") or "")
         if found is None and self.match == "filename":
-            found = self.by_name.get(media_name(data.get("dataloop_filename")) or media_name(data.get(self.data_key))
-                                     or "")
+            name = media_name(data.get("dataloop_filename")) or media_name(data.get(self.data_key)) or ""
+            candidate = self.by_name.get(name)
+            if candidate is not None and candidate.id not in self.claimed:
+                found = candidate
         return found
 
-    def plan(self, task: dict, stats: Stats) -> Change:
+    def plan(self, task: dict, stats: Stats, warn: Callable[[str], None] | None = None) -> Change | None:
+        """The change one converted task needs; None for an item this run has already planned."""
+        item_id = task["data"].get("dataloop_item_id")
+        if item_id:
+            if item_id in self.seen_items:  # the same item twice in the sources (V1 and V2 names...)
+                stats.items_skipped += 1
+                if warn:
+                    warn(f"item {item_id} appears more than once in the sources: the first one counts")
+                return None
+            self.seen_items.add(item_id)
+            if item_id in self.shared and warn:
+                warn(f"tasks {self.shared[item_id]} all belong to item {item_id}: only task "
+                     f"{self.shared[item_id][0]} is updated; remove the others")
         existing = self.find(task)
         for prediction in task["predictions"]:
             stats.versions[prediction["model_version"]] += 1
@@ -125,10 +149,15 @@ class Planner:
             stats.tasks_created += 1
             stats.predictions_created += len(task["predictions"])
             return Change(new_task=task)
+        self.claimed.add(existing.id)
         change = Change(task_id=existing.id)
-        missing = {k: v for k, v in task["data"].items() if k != self.data_key and k not in existing.data}
-        if missing:
-            change.data_update = {**existing.data, **missing}
+        ours = existing.data.get("dataloop_item_id") == item_id  # a task dl2ls made (or adopted) for it
+        update = {k: v for k, v in task["data"].items()
+                  if (k in OWNED_KEYS or (k == self.data_key and ours)) and existing.data.get(k) != v
+                  or (k not in existing.data and k != self.data_key)}
+        if update:
+            change.data_update = {**existing.data, **update}
+            stats.task_data_updated += 1
         for prediction in task["predictions"]:
             version = prediction["model_version"]
             have = existing.predictions.get(version, [])
@@ -188,7 +217,7 @@ class Pusher:
         if status == 403:
             return f"{what}: 403 forbidden: the token's user may not do this (needs access to the project)"
         if status == 404:
-            return f"{what}: 404 not found at {self.url}: no such project, or LABEL_STUDIO_URL is wrong"
+            return f"{what}: 404 not found at {self.url}: no such object there, or LABEL_STUDIO_URL is wrong"
         detail = body.get("detail") if isinstance(body, dict) else None
         errors = body.get("validation_errors") if isinstance(body, dict) else None
         text = str(errors or detail or body)[:300].replace("\n", " ")
@@ -247,8 +276,11 @@ class Pusher:
         import httpx
 
         try:
+            # never re-sent by the client: a resend after a lost answer would import twice. A
+            # failed run is finished by the next, which reads what landed first.
             response = http.request(path, method="POST", content=orjson.dumps(body),
-                                    headers={"Content-Type": "application/json"}, request_options=self.options)
+                                    headers={"Content-Type": "application/json"},
+                                    request_options={"max_retries": 0})
         except httpx.HTTPError as err:
             raise PushError(f"{what}: cannot reach Label Studio at {self.url} ({type(err).__name__})") from None
         if response.status_code >= 300:
@@ -259,7 +291,14 @@ class Pusher:
             raise PushError(self._explain(what, response.status_code, detail))
 
     def delete_prediction(self, prediction_id: int) -> None:
-        self._call(f"delete prediction {prediction_id}", self.client.predictions.delete, prediction_id)
+        from label_studio_sdk.core.api_error import ApiError
+
+        try:
+            self.client.predictions.delete(prediction_id, request_options=self.options)
+        except ApiError as err:
+            if err.status_code != 404:  # already gone: what we wanted
+                raise PushError(self._explain(f"delete prediction {prediction_id}", err.status_code,
+                                              err.body)) from None
 
     def delete_task(self, task_id: int) -> None:
         self._call(f"delete task {task_id}", self.client.tasks.delete, str(task_id))
@@ -302,6 +341,8 @@ def apply(pusher: Pusher, project_id: int, changes: Iterable[Change], dry_run: b
 
         limit = min(FIRST_BATCH, BATCH_TASKS)
         for change in changes:
+            if change is None:
+                continue
             if change.new_task is not None:
                 new_tasks.append(change.new_task)
                 used += len(orjson.dumps(change.new_task))
