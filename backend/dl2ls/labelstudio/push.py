@@ -193,8 +193,10 @@ class Pusher:
         if not api_key:
             raise PushError("LABEL_STUDIO_API_KEY is not set: copy your token from Label Studio's "
                             "Account & Settings page")
-        self.url = url.rstrip("/")
-        self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
+        self.client = LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout)
+        parsed = urlparse(url.rstrip("/"))  # for messages: never the user:password@ of a URL
+        self.url = parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl() \
+            if parsed.hostname else url.rstrip("/")
         self.options = {"max_retries": RETRIES}
 
     # -- errors -------------------------------------------------------------------------------
