@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
+from hypothesis import settings
 
 from dl2ls.dataloop.model import MediaDefaults, decode_item
 from dl2ls.labelstudio.evaluate import ls_rect_corners, video_rectangle_at, timeline_at
 from dl2ls.labelstudio.tasks import ConvertOptions, to_task
 from dl2ls.localserver import LocalLabelStudio, free_port, wait_http  # noqa: F401 (used by tests)
 from dl2ls.tracks import EXACT_PX, box_corners, item_tracks
+
+# CI runs the property tests on a fixed seed (a red CI must be reproducible); developers'
+# runs explore new examples every time
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 SAMPLES = Path(__file__).parent / "data" / "dataloop"
 GOLDEN = Path(__file__).parent / "golden"
