@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SAMPLES := tests/data/dataloop
 OUT := out
 
-.PHONY: demo test bench clean
+.PHONY: demo convert test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,12 +15,20 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
+$(VENV)/.installed-demo: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[demo]'
+	touch $@
+
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-## demo: convert the bundled Dataloop samples into Label Studio tasks and verify them frame by frame
-demo: $(VENV)/.installed
+## demo: the sample in a local Label Studio, with the dl2ls ML backend connected (Ctrl-C stops it)
+demo: $(VENV)/.installed-demo
+	$(BIN)/python -m dl2ls.demo
+
+## convert: convert the bundled Dataloop samples into Label Studio tasks and verify them frame by frame
+convert: $(VENV)/.installed
 	$(BIN)/dl2ls label-config $(SAMPLES)/video_tracker_webm_2024.json -o $(OUT)/video/label_config.xml
 	$(BIN)/dl2ls convert $(SAMPLES)/video_tracker_webm_2024.json --label-config $(OUT)/video/label_config.xml \
 		-o $(OUT)/video/tasks.json --report $(OUT)/video/report.json
@@ -42,6 +50,8 @@ test: $(VENV)/.installed-test
 ## bench: conversion speed against plain JSON parsing and against dtlpy
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_convert.py
+	$(BIN)/python bench/bench_push.py
+	$(BIN)/python bench/bench_sync.py
 
 clean:
-	rm -rf $(OUT) bench/data .pytest_cache
+	rm -rf $(OUT) bench/data .pytest_cache .demo test-artifacts

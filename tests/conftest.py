@@ -180,10 +180,17 @@ TOKEN = "d12ad12ad12ad12ad12ad12ad12ad12ad12ad12a"
 
 
 @pytest.fixture(scope="session")
-def label_studio(tmp_path_factory):
+def ls_media_root(tmp_path_factory):
+    """Where the test Label Studio serves local media from (/data/local-files/?d=...)."""
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory, ls_media_root):
     """A real Label Studio 1.23 (the test extra installs it into this venv), started once per test
     run and stopped at the end (`dl2ls.localserver`). Yields (url, token)."""
-    server = LocalLabelStudio(tmp_path_factory.mktemp("label-studio"), free_port(), TOKEN).start()
+    server = LocalLabelStudio(tmp_path_factory.mktemp("label-studio"), free_port(), TOKEN,
+                              media_root=ls_media_root).start()
     try:
         yield server.url, server.token
     finally:

@@ -43,6 +43,7 @@ class LocalLabelStudio:
     token: str
     username: str = "admin@example.com"
     password: str = "dl2ls-local-password"
+    media_root: Path | None = None  # served at /data/local-files/?d=<path under it>
     proc: subprocess.Popen | None = None
 
     @property
@@ -62,6 +63,9 @@ class LocalLabelStudio:
                # let the server call an ML backend on 127.0.0.1
                "ML_BLOCK_LOCAL_IP": "false", "SSRF_PROTECTION_ENABLED": "false",
                "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": ""}
+        if self.media_root is not None:
+            env.update(LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
+                       LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(self.media_root))
         log = open(self.data_dir / "server.log", "ab")
         self.proc = subprocess.Popen(
             [exe, "start", "--no-browser", "--port", str(self.port), "--internal-host", "127.0.0.1"],
