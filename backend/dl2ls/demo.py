@@ -96,6 +96,7 @@ def start(source: Path, folder: Path, port: int, backend_port: int | None, title
 
     from dl2ls.cli import main as dl2ls
 
+    folder = folder.resolve()  # Label Studio's local storage wants absolute paths
     media = folder / "media"
     entry = next(e for e in iter_items(source) if e.item is not None)
     name = entry.item.name or Path(entry.item.filename or "video").name
