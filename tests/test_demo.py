@@ -14,9 +14,10 @@ from conftest import free_port
 
 def test_demo_starts_everything_and_stops_it_on_ctrl_c(tmp_path):
     port, backend = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "dl2ls.demo", "--dir", str(tmp_path / "demo"), "--port", str(port),
+    # a relative --dir, as `make demo` passes it
+    proc = subprocess.Popen([sys.executable, "-m", "dl2ls.demo", "--dir", "demo", "--port", str(port),
                              "--backend-port", str(backend)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, cwd=tmp_path)
     lines = []
     try:
         deadline = time.monotonic() + 240
