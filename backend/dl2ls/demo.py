@@ -27,7 +27,7 @@ import numpy as np
 
 from dl2ls.dataloop.model import MediaDefaults
 from dl2ls.dataloop.read import iter_items
-from dl2ls.localserver import LocalLabelStudio, free_port, wait_http
+from dl2ls.localserver import LocalLabelStudio, free_port, stop_process, wait_http
 from dl2ls.tracks import bounding_boxes, held_index, item_tracks
 
 SAMPLE = Path(__file__).resolve().parents[2] / "tests" / "data" / "dataloop" / "video_tracker_webm_2024.json"
@@ -81,12 +81,7 @@ class Demo:
     task_id: int
 
     def stop(self) -> None:
-        if self.backend is not None and self.backend.poll() is None:
-            self.backend.terminate()
-            try:
-                self.backend.wait(20)
-            except subprocess.TimeoutExpired:
-                self.backend.kill()
+        stop_process(self.backend, 20)
         self.server.stop()
 
 
@@ -130,8 +125,7 @@ def start(source: Path, folder: Path, port: int, backend_port: int | None, title
                          is_interactive=False)
         return Demo(server, backend, project_id, task_id)
     except BaseException:
-        if backend is not None:
-            backend.terminate()
+        stop_process(backend, 20)
         server.stop()
         raise
 
