@@ -1,71 +1,172 @@
-"""push's Planner on its own (pure): what each converted task needs, in the cases that could
-duplicate or lose predictions."""
+"""The one planner on its own (pure): identity, media, predictions, deletions and the project's
+model_version, in the cases that could duplicate, lose or misplace predictions."""
 
 from __future__ import annotations
 
-from dl2ls.labelstudio.push import ExistingTask, Planner, Stats, media_name, prediction_hash
+import orjson
+import pytest
+
+from dl2ls.labelstudio.push import META_KEY, ExistingTask, Planner, Stats, mass_deletion, prediction_hash
 
 RESULT = [{"id": "a", "type": "videorectangle", "value": {}}]
+DIGEST = prediction_hash(RESULT, None)
 
 
 def task(item_id, filename="/cam1/clip.mp4", fps=25.0, result=RESULT, version="v"):
-    return {"data": {"video": f"https://dl/{item_id}", "dataloop_item_id": item_id, "dataloop_filename": filename,
-                     "fps": fps}, "predictions": [{"model_version": version, "result": result}]}
+    data = {"video": f"https://dl/{item_id}", "dataloop_item_id": item_id, "dataloop_filename": filename, "fps": fps}
+    if item_id is None:
+        del data["dataloop_item_id"]
+    return {"data": data, "predictions": [{"model_version": version, "result": result}]}
 
 
-def existing(tid, data, **versions):
-    return ExistingTask(tid, data, {v: [(pid, h) for pid, h in ps] for v, ps in versions.items()})
+def plan(planner, t, stats=None, previous=()):
+    return planner.plan(t, orjson.dumps(t), stats or Stats(), previous)
 
 
-def test_media_name_reads_storage_and_local_file_urls():
-    assert media_name("s3://bucket/a/clip.mp4") == "clip.mp4"
-    assert media_name("/data/local-files/?d=videos/a%20b/clip.mp4") == "clip.mp4"
-    assert media_name("") is None
+def existing(tid, data, versions=(), total=None, recorded=None, annotations=0):
+    if data.get("dataloop_item_id") == "A":  # a task dl2ls made for item A: nothing missing from its data
+        data = {**task("A")["data"], **data}
+    meta = {META_KEY: {"predictions": recorded}} if recorded is not None else {}
+    return ExistingTask(tid, data, annotations, len(versions) if total is None else total, list(versions), meta)
 
 
-def test_file_name_matching_never_takes_a_task_that_belongs_to_another_item():
-    tasks = [existing(1, {"video": "s3://b/cam1/clip.mp4", "dataloop_item_id": "A"}),
-             existing(2, {"video": "s3://b/storage/other.mp4"})]
-    planner = Planner(tasks, "video", match="filename")
-    change = planner.plan(task("B", filename="/cam2/clip.mp4"), Stats())
-    assert change.new_task is not None  # not task 1, which is item A's
+def test_an_item_lands_on_the_task_that_shares_the_longest_path():
+    tasks = [existing(1, {"video": "s3://b/cam1/clip.mp4"}), existing(2, {"video": "s3://b/cam2/clip.mp4"})]
+    planner = Planner(tasks, "video", "filename")
+    planner.match_paths({"A": "/cam2/clip.mp4", "B": "/cam1/clip.mp4"})
+    assert plan(planner, task("A", "/cam2/clip.mp4")).task_id == 2
+    assert plan(planner, task("B", "/cam1/clip.mp4")).task_id == 1
 
 
-def test_one_storage_task_is_claimed_by_one_item_only():
-    planner = Planner([existing(2, {"video": "s3://b/storage/clip.mp4"})], "video", match="filename")
-    first = planner.plan(task("A", filename="/cam1/clip.mp4"), Stats())
-    second = planner.plan(task("B", filename="/cam2/clip.mp4"), Stats())
-    assert first.task_id == 2 and second.new_task is not None
+@pytest.mark.parametrize("tasks, items, reported", [
+    # one item, two tasks that fit it equally
+    (["s3://b/cam1/clip.mp4", "s3://b/cam2/clip.mp4"], {"A": "/clip.mp4"}, "item /clip.mp4 fits tasks 1"),
+    # two items, one task that fits both equally
+    (["s3://b/x/clip.mp4"], {"A": "/cam1/clip.mp4", "B": "/cam2/clip.mp4"}, "task /x/clip.mp4 fits items A"),
+])
+def test_equally_good_candidates_match_neither_and_are_reported(tasks, items, reported):
+    warnings, stats = [], Stats()
+    planner = Planner([existing(i + 1, {"video": v}) for i, v in enumerate(tasks)], "video", "filename",
+                      warn=warnings.append)
+    planner.match_paths(items)
+    for key, path in items.items():
+        assert plan(planner, task(key, path), stats) is None  # on no task, not even a new one
+    assert stats.items_ambiguous == len(items) and stats.tasks_created == 0
+    assert any(reported in w for w in warnings), warnings
+
+
+def test_a_task_that_belongs_to_another_item_is_never_adopted():
+    tasks = [existing(1, {"video": "s3://b/cam1/clip.mp4", "dataloop_item_id": "A"})]
+    planner = Planner(tasks, "video", "filename")
+    planner.match_paths({"B": "/cam1/clip.mp4"})
+    assert plan(planner, task("B", "/cam1/clip.mp4")).new_task is not None
+
+
+def test_items_without_an_id_are_known_by_their_path_in_every_match_mode():
+    for mode in ("item-id", "filename"):
+        ours = existing(5, {"video": "/clip.mp4", "dataloop_filename": "/sub/clip.mp4", "fps": 25.0}, ["v"],
+                        recorded={"v": DIGEST})
+        planner = Planner([ours], "video", mode)
+        planner.match_paths({"file:/sub/clip.mp4": "/sub/clip.mp4"})
+        stats = Stats()
+        change = plan(planner, task(None, "/sub/clip.mp4"), stats)
+        assert change.task_id == 5 and not change.writes_anything and stats.predictions_unchanged == 1
+
+
+def test_a_tasks_media_is_never_changed_only_missing_keys_added():
+    storage = existing(2, {"video": "s3://b/x/clip.mp4"})
+    planner = Planner([storage], "video", "filename")
+    planner.match_paths({"B": "/x/clip.mp4"})
+    change = plan(planner, task("B", "/x/clip.mp4"))
+    assert change.data_update["video"] == "s3://b/x/clip.mp4" and change.data_update["fps"] == 25.0
+    assert change.data_update["dataloop_item_id"] == "B"
+    ours = existing(1, {"video": "/data/local-files/?d=clip.mp4", "dataloop_item_id": "A", "fps": 25.0,
+                        "dataloop_filename": "/cam1/clip.mp4"}, ["v"], recorded={"v": DIGEST})
+    warnings = []
+    change = plan(Planner([ours], "video", warn=warnings.append), task("A", "/cam1/moved.mp4", fps=29.97))
+    assert change.data_update is None and not change.writes_anything  # nothing of the user's is rewritten
+    assert "differs" in warnings[0]
+
+
+@pytest.mark.parametrize("case, existing_task, write, replace, counts", [
+    ("unchanged", existing(1, {"dataloop_item_id": "A"}, ["v", "other"], recorded={"v": DIGEST}),
+     False, [], {"predictions_unchanged": 1}),
+    ("changed", existing(1, {"dataloop_item_id": "A"}, ["v"], recorded={"v": "old"}),
+     True, ["v"], {"predictions_replaced": 1}),
+    ("duplicate left by a killed run", existing(1, {"dataloop_item_id": "A"}, ["v"], total=2, recorded={"v": DIGEST}),
+     True, ["v"], {"predictions_replaced": 1}),
+    ("deleted by someone", existing(1, {"dataloop_item_id": "A"}, [], recorded={"v": DIGEST}),
+     True, [], {"predictions_created": 1}),
+    ("written before dl2ls kept records", existing(1, {"dataloop_item_id": "A"}, ["v"]),
+     True, ["v"], {"predictions_replaced": 1}),
+    ("a stale version", existing(1, {"dataloop_item_id": "A"}, ["v", "gone"], recorded={"v": DIGEST, "gone": "x"}),
+     False, ["gone"], {"predictions_unchanged": 1, "predictions_deleted": 1}),
+])
+def test_each_version_ends_with_exactly_one_prediction(case, existing_task, write, replace, counts):
+    stats = Stats()
+    change = plan(Planner([existing_task], "video"), task("A"), stats)
+    assert bool(change.write) is write, case
+    assert change.replace_versions == replace, case
+    for name, value in counts.items():
+        assert getattr(stats, name) == value, (case, name)
+    if change.writes_anything:  # the record follows what was written
+        assert change.meta_update[META_KEY]["predictions"] == {"v": DIGEST}
 
 
 def test_the_same_item_twice_in_the_sources_is_planned_once():
     warnings, stats = [], Stats()
-    planner = Planner([], "video")
-    assert planner.plan(task("A"), stats, warnings.append).new_task is not None
-    assert planner.plan(task("A"), stats, warnings.append) is None
+    planner = Planner([], "video", warn=warnings.append)
+    assert plan(planner, task("A"), stats).new_task is not None
+    assert plan(planner, task("A"), stats) is None
     assert stats.tasks_created == 1 and "more than once" in warnings[0]
 
 
-def test_owned_task_data_follows_the_item_but_a_storage_url_stays():
-    ours = existing(1, {"video": "https://dl/A", "dataloop_item_id": "A", "dataloop_filename": "/cam1/clip.mp4",
-                        "fps": 25.0, "dataloop_dataset_id": None}, v=[(10, prediction_hash(RESULT, None))])
-    change = Planner([ours], "video").plan(task("A", filename="/cam1/moved.mp4", fps=29.97), Stats())
-    assert change.data_update["fps"] == 29.97 and change.data_update["dataloop_filename"] == "/cam1/moved.mp4"
-    assert change.write == [] and change.delete == []  # the prediction itself is unchanged
-    storage = existing(2, {"video": "s3://b/x/clip.mp4"})
-    change = Planner([storage], "video", match="filename").plan(task("B", filename="/x/clip.mp4"), Stats())
-    assert change.data_update["video"] == "s3://b/x/clip.mp4" and change.data_update["fps"] == 25.0
+def test_tasks_claiming_one_item_the_oldest_is_its_task():
+    warnings = []
+    planner = Planner([existing(9, {"dataloop_item_id": "A"}), existing(3, {"dataloop_item_id": "A"})], "video",
+                      warn=warnings.append)
+    assert plan(planner, task("A")).task_id == 3 and "[3, 9]" in warnings[0]
 
 
-def test_replaced_unchanged_and_duplicate_predictions():
-    digest = prediction_hash(RESULT, None)
-    tasks = [existing(1, {"dataloop_item_id": "A"}, v=[(10, digest)], other=[(11, "x")]),
-             existing(2, {"dataloop_item_id": "B"}, v=[(20, "old")]),
-             existing(3, {"dataloop_item_id": "C"}, v=[(30, digest), (31, digest)])]
-    stats = Stats()
-    planner = Planner(tasks, "video")
-    a, b, c = (planner.plan(task(i), stats) for i in "ABC")
-    assert (a.write, a.delete) == ([], [])  # the other version is never touched
-    assert b.delete == [20] and b.write[0]["task"] == 2
-    assert c.delete == [31] and c.write == []
-    assert (stats.predictions_unchanged, stats.predictions_replaced, stats.duplicates_removed) == (1, 1, 1)
+def test_new_tasks_carry_the_record_of_their_predictions():
+    change = plan(Planner([], "video"), task("A"))
+    assert orjson.loads(change.new_task)["meta"] == {META_KEY: {"predictions": {"v": DIGEST}}}
+
+
+@pytest.mark.parametrize("annotations, versions, deleted", [
+    (0, ["v"], True),  # only ours, nobody annotated: the task goes
+    (1, ["v"], False),  # someone annotated it: the task stays for the people
+    (0, ["v", "theirs"], False),  # another source's predictions are on it
+])
+def test_a_deleted_items_predictions_go_and_its_task_only_when_nothing_else_is_on_it(annotations, versions, deleted):
+    t = existing(1, {"dataloop_item_id": "A"}, versions, recorded={"v": DIGEST}, annotations=annotations)
+    change = Planner([t], "video").plan_deleted("A", [], Stats())
+    assert change.replace_versions == ["v"] and change.delete_task is deleted
+
+
+@pytest.mark.parametrize("doomed, total, allow, allowed", [
+    (20, 21, False, True),  # at most 20 always
+    (21, 100, False, False),  # 21% of the project
+    (21, 1000, False, True),  # 2.1%
+    (500, 600, True, True),  # asked for
+])
+def test_mass_deletions_are_refused_unless_asked_for(doomed, total, allow, allowed):
+    check = mass_deletion([(f"i{k}", k) for k in range(doomed)], total, allow)
+    assert check.allowed is allowed
+    if not allowed:
+        assert "--allow-mass-delete" in check.line() and "i0 (task 0)" in check.line()
+
+
+@pytest.mark.parametrize("current, recorded, expected, warns", [
+    (None, {}, "v", False),  # a project without one takes ours
+    ("", {}, "v", False),
+    ("v", {}, None, False),  # already ours
+    ("dataloop-old", {"dataloop-old": "x"}, "v", False),  # one of dl2ls's own: follows
+    ("someone-elses", {}, None, True),  # a version someone chose stays, and we say how to see ours
+])
+def test_the_projects_model_version_follows_dl2ls_only_where_it_is_dl2ls(current, recorded, expected, warns):
+    warnings, stats = [], Stats()
+    planner = Planner([existing(1, {"dataloop_item_id": "B"}, recorded=recorded)], "video", warn=warnings.append)
+    plan(planner, task("A"), stats)
+    assert planner.model_version(current, stats) == expected
+    assert bool(warnings) is warns

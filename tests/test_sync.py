@@ -52,7 +52,7 @@ def held(ls, project_id) -> dict[str, dict]:
 
 def count_writes(monkeypatch) -> list[str]:
     calls = []
-    for name in ("import_tasks", "import_predictions", "delete_prediction", "delete_task", "update_task_data",
+    for name in ("import_tasks", "import_predictions", "delete_prediction", "delete_task", "update_task",
                  "set_model_version", "existing_tasks", "project"):
         original = getattr(push_module.Pusher, name)
 

@@ -12,22 +12,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import orjson
 
 from dl2ls import __version__
-from dl2ls.dataloop.model import LIMITS, MediaDefaults, decode_annotation, media_of
-from dl2ls.dataloop.read import Entry, count_items, iter_items
+from dl2ls.convert import KindError, convert_sources, entries, identities, scan_config
+from dl2ls.dataloop.model import LIMITS, MediaDefaults
 from dl2ls.labelstudio import config as lsconfig
-from dl2ls.labelstudio.evaluate import Verdict, compare_item
-from dl2ls.labelstudio.mappers import family_of
-from dl2ls.labelstudio.tasks import MEDIA_FIELDS, VERSION_FIELDS, ConvertOptions, check_template, to_task
-from dl2ls.report import InputError, Report
+from dl2ls.labelstudio.evaluate import Mismatch, Verdict, compare_item
+from dl2ls.labelstudio.tasks import MEDIA_FIELDS, VERSION_FIELDS, ConvertOptions, check_template
+from dl2ls.report import InputError, Report, escape
 from dl2ls.tracks import item_tracks
 
 log = logging.getLogger("dl2ls")
@@ -40,28 +40,6 @@ class UsageError(Exception):
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-def _entries(sources: list[str], what: str) -> Iterator[Entry]:
-    """Every item of every source, with a progress bar on a terminal."""
-    total = 0
-    for s in sources:
-        n = count_items(s)
-        total = None if n is None or total is None else total + n
-    bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="item", desc=what, file=sys.stderr, leave=False)
-    try:
-        for source in sources:
-            for entry in iter_items(source):
-                yield entry
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def _read_json_file(path: str, option: str):
@@ -90,11 +68,36 @@ def _defaults(args) -> MediaDefaults:
     return MediaDefaults(args.fps, args.width, args.height)
 
 
-def _write_atomic(path: str, chunks: Iterator[bytes]) -> None:
-    """Write through a temporary file in the same folder, so a killed run leaves no half file."""
+def _limits(args):
+    """--max-item-size, for the readers."""
+    from dl2ls.dataloop import read
+
+    text = getattr(args, "max_item_size", None)
+    if text is None or not hasattr(read, "ReadLimits"):
+        return None
+    try:
+        return read.ReadLimits(max_item_bytes=read.parse_size(text))
+    except ValueError as err:
+        raise UsageError(f"--max-item-size: {err}") from None
+
+
+def _write_atomic(path: str, chunks: Iterator[bytes], keep: Callable[[], bool] = lambda: True) -> bool:
+    """Write through a temporary file beside the target, so a killed run leaves no half file; the
+    new file takes the old one's place only if `keep()` says so after the last chunk (a run that
+    converted nothing keeps the earlier output). A symlink is written through (the link stays); a
+    FIFO or a device (`-o /dev/stdout`) is written to directly. New files get the umask's mode."""
     target = Path(path)
     if target.is_dir():
         raise UsageError(f"{path} is a folder: give a file name")
+    if target.exists() and not target.is_file():  # a FIFO, a device: nothing to replace
+        try:
+            with open(target, "wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+        except OSError as err:
+            raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
+        return True
+    target = target.resolve() if target.is_symlink() else target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
@@ -104,13 +107,34 @@ def _write_atomic(path: str, chunks: Iterator[bytes]) -> None:
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
+        if not keep():
+            Path(tmp).unlink(missing_ok=True)
+            return False
+        os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask())
         os.replace(tmp, target)
+        return True
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         raise UsageError(f"cannot write {path}: {err.strerror or err}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _print_report(report: Report, args) -> None:
+    """The summary table, or with -q only the lines about what failed."""
+    if getattr(args, "quiet", False):
+        for problem in report.problems:
+            if problem.outcome in ("failed", "item-failed"):
+                print(problem.line(), file=sys.stderr)
+    else:
+        print(report.summary(), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- convert
@@ -157,97 +181,52 @@ def cmd_convert(args) -> int:
     def tasks() -> Iterator[bytes]:
         first = True
         yield b"["
-        for task in convert_entries(_entries(args.sources, "convert"), options, defaults, report):
-            yield (b"\n" if first else b",\n") + orjson.dumps(task)
+        for converted in convert_sources(args.sources, options, defaults, report, args.kind, _limits(args)):
+            yield (b"\n" if first else b",\n") + converted.body
             first = False
         yield b"\n]\n"
 
-    _write_atomic(args.output, tasks())
+    try:
+        # a run that converted nothing keeps an earlier good output
+        written = _write_atomic(args.output, tasks(), keep=lambda: report.items_converted > 0 or not report.failed)
+    except KindError as err:
+        raise UsageError(f"{err}; {args.output} is left as it was") from None
     if args.report:
         _write_atomic(args.report, iter([orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2)]))
-    print(report.summary(), file=sys.stderr)
-    log.info("wrote %d tasks to %s", report.items_converted, args.output)
+    _print_report(report, args)
+    if written:
+        log.info("wrote %d tasks to %s", report.items_converted, escape(args.output))
+    else:
+        log.warning("nothing converted: %s is left as it was", escape(args.output))
     if report.items_converted == 0 and report.items_failed:
         return EXIT_USAGE
     return EXIT_FAILED if report.failed else EXIT_OK
-
-
-def convert_entries(entries, options: ConvertOptions, defaults: MediaDefaults, report: Report) -> Iterator[dict]:
-    """Items -> tasks, counting everything into `report`; bad items are reported and skipped."""
-    for entry in entries:
-        if entry.note:
-            report.warn(entry.origin, entry.note)
-            continue
-        if entry.error is not None:
-            report.item_failed(entry.error)
-            continue
-        try:
-            item = item_tracks(entry.item, entry.origin, defaults)
-            task, item_report = to_task(item, options)
-        except InputError as err:
-            report.item_failed(err)
-            continue
-        report.merge(item_report)
-        yield task
 
 
 # ----------------------------------------------------------------------------- label-config
 
 
 def cmd_label_config(args) -> int:
-    xml, report = generate_config(args.sources, args.ontology, args.kind, _label_map(args.label_map))
+    xml, report = generate_config(args.sources, args.ontology, args.kind, _label_map(args.label_map), _limits(args))
     if args.output:
         _write_atomic(args.output, iter([xml.encode()]))
-        log.info("wrote %s", args.output)
+        log.info("wrote %s", escape(args.output))
     else:
         sys.stdout.write(xml)
     return EXIT_FAILED if report.items_failed else EXIT_OK
 
 
 def generate_config(sources: list[str], ontology: str | None, kind: str | None,
-                    label_map: dict[str, str] | None = None) -> tuple[str, Report]:
-    """The labeling config for what the sources hold: labels per geometry, of one media kind."""
+                    label_map: dict[str, str] | None = None, limits=None) -> tuple[str, Report]:
+    """The labeling config for what the sources hold (see convert.scan_config)."""
     colors = lsconfig.colors_from_ontology(_read_json_file(ontology, "--ontology")) if ontology else {}
-    inventories = {"video": lsconfig.Inventory(), "image": lsconfig.Inventory()}
-    report = Report()
-    for entry in _entries(sources, "scan"):
-        if entry.note or entry.error is not None:
-            if entry.error is not None:
-                report.item_failed(entry.error)
-            continue
-        anns = []
-        for index, raw in enumerate(entry.item.annotations or []):
-            try:
-                anns.append(decode_annotation(raw, entry.origin, index))
-            except InputError:
-                continue
-        try:
-            item_kind = media_of(entry.item, anns, MediaDefaults(), entry.origin).kind
-        except InputError as err:
-            report.item_failed(err)
-            continue
-        inv = inventories[item_kind]
-        label_map = label_map or {}
-        for ann in anns:
-            family = family_of(item_kind, ann.type)
-            if family is None:
-                continue
-            for label in {ann.label, *(s.label for s in ann.system.snapshots_)}:
-                label = label_map.get(label, label)
-                if lsconfig.xml_safe(label):
-                    inv.add(item_kind, family, label)
-                else:
-                    report.warn(entry.origin, f"label {label!r} has characters XML cannot hold: left out", ann.id)
+    try:
+        xml, report = scan_config(sources, colors, kind, label_map, limits)
+    except ValueError as err:  # KindError too
+        raise UsageError(str(err)) from None
     for problem in report.problems:
         print(problem.line(), file=sys.stderr)
-    found = [k for k, inv in inventories.items() if not inv.empty]
-    if kind is None and len(found) > 1:
-        raise UsageError("the sources hold videos and images, and a Label Studio project holds one kind of "
-                         "task: pass --kind video or --kind image")
-    kind = kind or (found[0] if found else None)
-    if kind is None or inventories[kind].empty:
-        raise UsageError("no annotations found in the sources" + (f" on {kind}s" if kind else ""))
-    return lsconfig.generate(inventories[kind], colors), report
+    return xml, report
 
 
 # ----------------------------------------------------------------------------- push
@@ -258,41 +237,58 @@ def cmd_push(args) -> int:
 
     options = _convert_options(args)
     defaults = _defaults(args)
+    limits = _limits(args)
     pusher = push.Pusher(os.environ.get("LABEL_STUDIO_URL", ""), os.environ.get("LABEL_STUDIO_API_KEY", ""))
+    project_id, existing, current_version = None, [], None
     if args.new_project:
-        xml = _read_text(args.label_config, "--label-config") if args.label_config else \
-            generate_config(args.sources, None, None, options.label_map)[0]
-        config = _parse_config(xml, "--label-config" if args.label_config else "generated config")
-        project_id = None if args.dry_run else pusher.create_project(args.new_project, xml)
-        existing = []
-    else:
-        if args.label_config:
-            raise UsageError("--label-config goes with --new-project; an existing project's own config is used")
+        titled = pusher.projects_titled(args.new_project)
+        if len(titled) > 1:
+            raise UsageError(f"{len(titled)} projects are titled {args.new_project!r} "
+                             f"(ids {', '.join(str(p.id) for p in titled)}): pass --project ID")
+        if titled:  # an earlier run of this command created it (maybe interrupted): go on there
+            args.project = titled[0].id
+            log.info("project %d is titled %r already: pushing into it", args.project, escape(args.new_project))
+        else:
+            xml = _read_text(args.label_config, "--label-config") if args.label_config else \
+                generate_config(args.sources, None, args.kind, options.label_map, limits)[0]
+            config = _parse_config(xml, "--label-config" if args.label_config else "generated config")
+            project_id = None if args.dry_run else pusher.create_project(args.new_project, xml)
+    elif args.label_config:
+        raise UsageError("--label-config goes with --new-project; an existing project's own config is used")
+    if args.project is not None:
         project = pusher.project(args.project)
-        project_id = project.id
+        project_id, current_version = project.id, project.model_version
         config = _parse_config(project.label_config or "", f"project {project_id}'s labeling config")
-        existing = pusher.existing_tasks(project_id)
+        existing = list(pusher.existing_tasks(project_id))
         log.info("project %d: %d tasks", project_id, len(existing))
     options.config = config
-    obj = config.objects[0]
-    planner = push.Planner(existing, obj.data_key, args.match)
     stats, report = push.Stats(), Report()
-    tasks = convert_entries(_entries(args.sources, "push"), options, defaults, report)
-    changes = (planner.plan(task, stats, lambda w: report.warn("push", w)) for task in tasks)
-    push.apply(pusher, project_id, changes, dry_run=args.dry_run)
-    if stats.versions and not args.dry_run:
-        # the labeling stream shows only predictions of the project's model_version; a new
-        # project has already adopted the version of the first prediction it received
-        version = stats.versions.most_common(1)[0][0]
-        if not (args.new_project and version == stats.first_version):
-            pusher.set_model_version(project_id, version)
-        log.info("project %d model_version = %s", project_id, version)
-    print(report.summary(), file=sys.stderr)
+    planner = push.Planner(existing, config.objects[0].data_key, args.match,
+                           warn=lambda line: report.warn("push", line))
+    if args.match == "filename":
+        planner.match_paths(identities(args.sources, limits))
+
+    def refused(result: push.BatchResult) -> None:
+        for change, why in result.refused:
+            stats.items_failed += 1
+            report.item_failed(InputError(change.item or "?", None, f"Label Studio refused it: {why}"))
+
+    def changes():
+        for converted in convert_sources(args.sources, options, defaults, report, args.kind, limits, "push"):
+            yield planner.plan(converted.task, converted.body, stats)
+
+    try:
+        push.apply(pusher, project_id, changes(), dry_run=args.dry_run, on_batch=refused)
+    except KindError as err:
+        raise UsageError(str(err)) from None
+    version = planner.model_version(current_version, stats)
+    if version and not args.dry_run:
+        pusher.set_model_version(project_id, version)
+        log.info("project %d model_version = %s", project_id, escape(version))
+    _print_report(report, args)
     print(("dry run, nothing written: would have " if args.dry_run else "") + stats.summary(), file=sys.stderr)
     if args.report:
-        doc = {**report.to_json(), "push": {**{k: v for k, v in vars(stats).items() if k != "versions"},
-                                            "versions": dict(stats.versions), "project": project_id,
-                                            "dry_run": args.dry_run}}
+        doc = {**report.to_json(), "push": {**stats.to_json(), "project": project_id, "dry_run": args.dry_run}}
         _write_atomic(args.report, iter([orjson.dumps(doc, option=orjson.OPT_INDENT_2)]))
     if report.items_converted == 0 and report.items_failed:
         return EXIT_USAGE
@@ -373,7 +369,7 @@ def cmd_sync(args) -> int:
         report = Report()
         try:
             summary = sync.run_once(client, pusher, args.dataset, args.project, state, filters, options, defaults,
-                                    report)
+                                    report, allow_mass_delete=args.allow_mass_delete)
         except (DataloopError, push.PushError, InputError) as err:
             if every is None:
                 raise
@@ -385,7 +381,7 @@ def cmd_sync(args) -> int:
             if problem.outcome != "approximated":
                 print(problem.line(), file=sys.stderr)
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {summary.line()}", file=sys.stderr, flush=True)
-        return EXIT_FAILED if report.failed else EXIT_OK
+        return EXIT_FAILED if report.failed or summary.deletions_refused else EXIT_OK
 
     if every is None:
         return job()
@@ -406,7 +402,16 @@ def cmd_serve(args) -> int:
         threads = int(os.environ.get("THREADS", "8"))
     except ValueError:
         raise UsageError("WORKERS and THREADS must be whole numbers") from None
-    log.info("serving %s on %s:%d (%d workers x %d threads)", args.source, args.host, args.port, workers, threads)
+    if workers < 1 or threads < 1:
+        raise UsageError("WORKERS and THREADS must be at least 1")
+    for name in ("DL2LS_HEADER_TIMEOUT", "DL2LS_BODY_TIMEOUT"):  # read by dl2ls.web's worker
+        try:
+            if os.environ.get(name) and not 0 < float(os.environ[name]) < 86400:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"{name} must be a number of seconds") from None
+    log.info("serving %s on %s:%d (%d workers x %d threads)", escape(args.source), args.host, args.port, workers,
+             threads)
     serve(args.source, args.host, args.port, workers, threads)
     return EXIT_OK
 
@@ -427,33 +432,47 @@ def cmd_verify(args) -> int:
             by_id[data["dataloop_item_id"]] = task
         if isinstance(data.get("dataloop_filename"), str):
             by_file[data["dataloop_filename"]] = task
+    skipped = _reported_skips(args.report) if args.report else set()
     label_map = _label_map(args.label_map)
     defaults = _defaults(args)
-    verdict, failed, missing = Verdict(), 0, 0
-    for entry in _entries([args.source], "verify"):
+    verdict, failed, missing, accepted = Verdict(), 0, 0, 0
+    say = lambda line: print(escape(line), file=sys.stderr)  # noqa: E731
+    for entry in entries([args.source], "verify", _limits(args)):
         if entry.note:
             continue
         if entry.error is not None:
-            print(f"error: {entry.error}", file=sys.stderr)
+            say(f"error: {entry.error}")
             failed += 1
             continue
         try:
             item = item_tracks(entry.item, entry.origin, defaults)
         except InputError as err:
-            print(f"error: {err}", file=sys.stderr)
+            say(f"error: {err}")
             failed += 1
             continue
         info = item.info
         task = by_id.get(info.item_id) if info.item_id else None
         task = task or by_file.get(info.filename)
         if task is None:
-            print(f"{info.origin}: no task for this item in {args.tasks}", file=sys.stderr)
+            say(f"{info.origin}: no task for this item in {args.tasks}")
             missing += 1
             continue
+        # every annotation is accounted for: one that failed to convert is a difference, one the
+        # report says was skipped (with its reason) is not compared
+        for type_, ref, reason in item.failures:
+            if (info.origin, ref) in skipped:
+                accepted += 1
+                continue
+            say(f"{info.origin}: annotation {ref} ({type_}): not converted: {reason}")
+            verdict.annotations += 1
+            verdict.mismatches.append(Mismatch(ref, None, f"not converted: {reason}"))
+        kept = [t for t in item.tracks if (info.origin, t.annotation_id) not in skipped]
+        accepted += len(item.tracks) - len(kept)
+        item.tracks = kept
         v = compare_item(item, task, label_map, args.tolerance)
         for m in v.mismatches[:20]:
             frame = f" frame {m.frame}" if m.frame is not None else ""
-            print(f"{info.origin}: annotation {m.annotation}{frame}: {m.what}", file=sys.stderr)
+            say(f"{info.origin}: annotation {m.annotation}{frame}: {m.what}")
         verdict.merge(v)
     print(f"checked {verdict.annotations} annotations over {verdict.frames} frames: "
           f"largest error {verdict.max_error_px:.6f} px, {len(verdict.mismatches)} differences"
@@ -461,9 +480,21 @@ def cmd_verify(args) -> int:
           + (f", {failed} unreadable items" if failed else ""))
     for kind, n in sorted(verdict.unchecked.items()):
         print(f"not compared: {n} × {kind}")
+    if accepted:
+        print(f"not compared: {accepted} skipped or failed as {args.report} says")
     if verdict.annotations == 0 and (failed or missing):
         return EXIT_USAGE
     return EXIT_OK if verdict.ok(args.tolerance) and not failed and not missing else EXIT_FAILED
+
+
+def _reported_skips(path: str) -> set[tuple[str, str]]:
+    """(file, annotation) of what a conversion report says it skipped or failed, with a reason."""
+    doc = _read_json_file(path, "--report")
+    problems = doc.get("problems") if isinstance(doc, dict) else None
+    if not isinstance(problems, list):
+        raise UsageError(f"--report {path}: not a dl2ls report (no problems list)")
+    return {(p.get("file"), p.get("annotation")) for p in problems
+            if isinstance(p, dict) and p.get("outcome") in ("skipped", "failed") and p.get("annotation")}
 
 
 # ----------------------------------------------------------------------------- parser
@@ -487,7 +518,16 @@ def _conversion_options(p: argparse.ArgumentParser, with_config: bool = True) ->
     _media_options(p)
 
 
+def _kind_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", choices=("video", "image"),
+                   help="which items to take when the sources hold both: a Label Studio project holds one kind "
+                        "of task (without it, mixed sources are refused)")
+
+
 def _media_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-item-size", metavar="SIZE", default="512M",
+                   help="refuse a single item (a file, an array element, a zip entry) larger than this, "
+                        "with a line naming it (default: %(default)s)")
     g = p.add_argument_group("items without metadata (bare annotation lists)")
     g.add_argument("--fps", type=float, help="frame rate of videos whose item JSON does not say")
     g.add_argument("--width", type=float, help="frame/image width in pixels, when the item does not say")
@@ -503,9 +543,17 @@ def build_parser() -> argparse.ArgumentParser:
                "Exit codes: 0 ok, 1 some items failed or differ, 2 usage error or nothing readable.",
     )
     parser.add_argument("--version", action="version", version=f"dl2ls {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors (no summary table)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, one line per HTTP request")
+    # the same flags after the command name (dl2ls convert -q ...); SUPPRESS keeps the top-level value
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only warnings and errors (no summary table)")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, one line per HTTP request")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     p = sub.add_parser("convert", help="convert Dataloop exports into Label Studio tasks with predictions",
                        description="Convert Dataloop exports into a JSON array of Label Studio tasks, each "
@@ -513,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="SOURCE")
     p.add_argument("-o", "--output", required=True, metavar="tasks.json", help="where to write the tasks")
     p.add_argument("--report", metavar="FILE", help="also write the conversion report as JSON")
+    _kind_option(p)
     _conversion_options(p)
     p.set_defaults(func=cmd_convert)
 
@@ -523,8 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     p.add_argument("--ontology", metavar="labels.json", help="a Dataloop label tree: labels get its colours")
     p.add_argument("--label-map", metavar="FILE", help="the --label-map convert will use: its labels go in the config")
-    p.add_argument("--kind", choices=("video", "image"),
-                   help="which items to configure for, when the sources hold both (a project holds one kind)")
+    _kind_option(p)
+    p.add_argument("--max-item-size", metavar="SIZE", default="512M", help="as for convert (default: %(default)s)")
     p.set_defaults(func=cmd_label_config)
 
     p = sub.add_parser("push", help="convert and write tasks and predictions into a Label Studio project",
@@ -543,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for tasks that came from cloud storage) (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="say what would change, write nothing")
     p.add_argument("--report", metavar="FILE", help="write the conversion report and the push summary as JSON")
+    _kind_option(p)
     _conversion_options(p)
     p.set_defaults(func=cmd_push)
 
@@ -573,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "with jitter, never two runs at once")
     p.add_argument("--state", default="dl2ls-state.sqlite", metavar="PATH", help="(default: %(default)s)")
     p.add_argument("--filter", metavar="DQL.json", help="only the items matching this DQL filter")
+    p.add_argument("--allow-mass-delete", action="store_true",
+                   help=f"let one run take away more than {int(100 * 0.10)}%% of the project's tasks (and more than 20) "
+                        "for items Dataloop no longer has; without it such a run lists them and deletes none")
     _conversion_options(p, with_config=False)
     p.set_defaults(func=cmd_sync, label_config=None)
 
@@ -594,9 +647,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tasks", metavar="tasks.json")
     p.add_argument("--tolerance", type=float, default=0.0, metavar="PX", help="allowed box error in pixels")
     p.add_argument("--label-map", metavar="FILE", help="the --label-map used for convert")
+    p.add_argument("--report", metavar="FILE",
+                   help="the conversion's report: annotations it says were skipped or failed (with a reason) are "
+                        "not compared; without it every Dataloop annotation must show in the tasks")
     _media_options(p)
     p.set_defaults(func=cmd_verify)
     return parser
+
+
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+_SECRET_ENV = ("LABEL_STUDIO_API_KEY", "DATALOOP_API_KEY", "DATALOOP_PASSWORD", "BASIC_AUTH_PASS",
+               "DL2LS_MEDIA_SECRET", "DL2LS_DATALOOP_HOOK_SECRET")
+
+
+def redact_secrets(record: logging.LogRecord) -> bool:
+    """A logging filter on every handler: whatever a library logs (httpx's request lines at -v),
+    credentials in URLs and the values of the secret variables never reach the output, and
+    control characters from the input cannot forge lines."""
+    text = record.getMessage()
+    clean = _URL_CREDENTIALS.sub("***@", text)
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            clean = clean.replace(value, "***")
+    clean = escape(clean)
+    if clean != text:
+        record.msg, record.args = clean, None
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -605,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     default = getattr(logging, os.environ.get("LOG_LEVEL", "INFO").upper(), logging.INFO)
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else default
     logging.basicConfig(level=level, format="dl2ls: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redact_secrets)
     if not args.verbose:  # one line per HTTP request is noise; -v shows them
         logging.getLogger("httpx").setLevel(logging.WARNING)
     try:

@@ -10,10 +10,20 @@ Items that cannot be read at all are counted apart (`items.failed`). Pure data, 
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 OUTCOMES = ("exact", "approximated", "skipped", "failed")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape(text: object) -> str:
+    """Text from the input (file names, ids, labels) made safe for one line of output: control
+    characters become escapes, so a file named with a newline or an ANSI sequence cannot forge or
+    recolour a line of the report."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
 
 
 class InputError(Exception):
@@ -27,7 +37,7 @@ class InputError(Exception):
 
     def __str__(self) -> str:
         where = self.origin if self.annotation is None else f"{self.origin}: annotation {self.annotation}"
-        return f"{where}: {self.reason}"
+        return escape(f"{where}: {self.reason}")
 
 
 @dataclass(slots=True)
@@ -41,7 +51,7 @@ class Problem:
     def line(self) -> str:
         where = self.origin if self.annotation is None else f"{self.origin}: annotation {self.annotation}"
         kind = f" ({self.type})" if self.type else ""
-        return f"{self.outcome}: {where}{kind}: {self.reason}"
+        return escape(f"{self.outcome}: {where}{kind}: {self.reason}")
 
 
 @dataclass

@@ -1,24 +1,24 @@
 """Keep a Label Studio project's predictions in step with a Dataloop dataset.
 
-One run:
-1. lists the dataset's items (id, updatedAt, annotationsCount: a page per 1,000 items) and asks
-   for annotations updated since the last run (one query), so that an edited, added or deleted
-   annotation, a new item and a deleted item are all noticed without reading every item;
-2. reads the annotations of the candidates only (through one export command when they are many,
-   as on the first run), and drops those whose content hash has not changed (a touched item with
-   the same annotations writes nothing);
-3. converts the rest against the project's labeling config and writes them with push's logic
-   (new items -> tasks with predictions; changed ones -> their predictions replaced per
-   model_version; versions an item no longer has -> deleted); a deleted item loses our
-   predictions, and its task too unless someone annotated it;
-4. only then records the new state (per item: updatedAt, annotation count, content hash, the
-   versions written; and the cursor) in SQLite.
-A run killed anywhere records nothing, so the next run redoes its work, and push's idempotence
-makes that converge without duplicates. A lock file keeps two syncs off one state.
+One run, within a scope (the dataset and the --filter; the state keeps each scope apart, so a run
+over another filter never takes away what an earlier scope wrote):
+1. lists the scope's items (id, updatedAt, annotationsCount; paged by the server's own
+   hasNextPage) and asks for annotations updated since the scope's cursor, so an edited, added or
+   deleted annotation, a new item and a deleted item are all noticed without reading every item;
+2. reads the candidates' annotations (through one streamed export when they are many) and drops
+   those whose content hash has not changed;
+3. converts the rest (`convert_item`) and lets the one planner decide every change, as push does;
+   an item missing from the listing is deleted only when Dataloop says it is gone (an item that
+   merely left the filter is forgotten, not deleted), and never more than a small share of the
+   project in one run without --allow-mass-delete;
+4. records the state batch by batch, as each batch lands: a run killed anywhere is finished by
+   the next, without duplicates, and one item Label Studio refuses (or that fails to convert) is
+   quarantined with a growing backoff, reported on every run, while the rest keeps flowing.
+A lock file keeps two syncs off one state.
 
-The rule's limits: Dataloop's query API is trusted to list every item and every annotation
-updated after the cursor; the cursor is the last run's start minus a safety margin for clock skew
-(annotations touched in that margin are re-read and usually found unchanged by their hash).
+The rule's limits: Dataloop's query API is trusted to list every item and every annotation updated
+after the cursor; the cursor is the newest updatedAt Dataloop showed minus a margin for clock skew
+(annotations touched in that margin are re-read and found unchanged by their hash).
 """
 
 from __future__ import annotations
@@ -30,25 +30,29 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import orjson
 
-from dl2ls.dataloop.api import DataloopClient
+from dl2ls.convert import convert_item
+from dl2ls.dataloop.api import DataloopClient, DataloopError
 from dl2ls.dataloop.model import MediaDefaults, decode_item
-from dl2ls.dataloop.read import split_array
+from dl2ls.dataloop.read import Entry, split_array
 from dl2ls.labelstudio import config as lsconfig
 from dl2ls.labelstudio import push
-from dl2ls.labelstudio.tasks import ConvertOptions, to_task
-from dl2ls.report import InputError, Report
-from dl2ls.tracks import item_tracks
+from dl2ls.labelstudio.tasks import ConvertOptions
+from dl2ls.report import InputError, Report, escape
 
 log = logging.getLogger("dl2ls.sync")
 
-SKEW = dt.timedelta(minutes=5)  # re-read annotations touched this long before the last run began
+SKEW = dt.timedelta(minutes=5)  # re-read annotations touched this long before the newest change seen
 EXPORT_AT = 50  # more candidates than this (and a fifth of the dataset): one export, not a read per item
+QUARANTINE_AFTER = 2  # failures in a row before an item waits between tries
+BACKOFF_FIRST, BACKOFF_MAX = 60.0, 24 * 3600.0  # seconds; the wait grows 4x per failure
 
 
 class SyncBusy(Exception):
@@ -65,19 +69,53 @@ class RunSummary:
     candidates: int = 0
     changed: int = 0
     deleted: int = 0
+    left_scope: int = 0
     failed: int = 0
+    quarantined: int = 0
+    deletions_refused: bool = False
     dataloop_requests: int = 0
     seconds: float = 0.0
     stats: push.Stats = field(default_factory=push.Stats)
 
     def line(self) -> str:
+        extra = "".join(f", {name} {value}" for name, value in (("left the scope", self.left_scope),
+                                                                ("quarantined", self.quarantined)) if value)
         return (f"sync: items seen {self.seen}, read {self.candidates}, changed {self.changed}, deleted "
-                f"{self.deleted}, failed {self.failed}; Label Studio: {self.stats.summary()}; "
+                f"{self.deleted}, failed {self.failed}{extra}; Label Studio: {self.stats.summary()}; "
                 f"{self.dataloop_requests} Dataloop requests; {self.seconds:.1f} s")
 
 
+@dataclass
+class ItemRow:
+    """What the state remembers of one item."""
+
+    item_id: str
+    updated_at: str | None
+    annotations: int | None
+    content_hash: str | None  # None: not written yet (new, or failing)
+    versions: list[str]
+    scope: str
+    failures: int = 0
+    retry_at: float = 0.0
+    last_error: str | None = None
+
+    def as_row(self) -> tuple:
+        return (self.item_id, self.updated_at, self.annotations, self.content_hash, json.dumps(self.versions),
+                self.scope, self.failures, self.retry_at, self.last_error)
+
+    def failed(self, reason: str, now: float) -> "ItemRow":
+        failures = self.failures + 1
+        wait = 0.0 if failures < QUARANTINE_AFTER else min(BACKOFF_MAX, BACKOFF_FIRST * 4 ** (failures - QUARANTINE_AFTER))
+        return ItemRow(self.item_id, self.updated_at, self.annotations, None, self.versions, self.scope,
+                       failures, now + wait, reason[:500])
+
+
+_COLUMNS = ("item_id", "updated_at", "annotations", "content_hash", "versions", "scope", "failures", "retry_at",
+            "last_error")
+
+
 class State:
-    """The sync's memory, in SQLite: the cursor and, per item, what was last written."""
+    """The sync's memory, in SQLite: per scope its cursor and, per item, what was last written."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -92,13 +130,21 @@ class State:
             self.lock_file.close()
             raise SyncBusy(f"another dl2ls sync is running on {self.path} (its lock file is held)") from None
         try:
-            self.db = sqlite3.connect(self.path)
+            # batches are recorded from push's writer thread as they land: one connection, one lock
+            self.db = sqlite3.connect(self.path, check_same_thread=False)
+            self.lock = threading.Lock()
             self.db.executescript("""
                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
                 CREATE TABLE IF NOT EXISTS items (
                     item_id TEXT PRIMARY KEY, updated_at TEXT, annotations INTEGER, content_hash TEXT,
                     versions TEXT);
             """)
+            have = {row[1] for row in self.db.execute("PRAGMA table_info(items)")}
+            for column, kind in (("scope", "TEXT"), ("failures", "INTEGER DEFAULT 0"), ("retry_at", "REAL DEFAULT 0"),
+                                 ("last_error", "TEXT")):
+                if column not in have:  # a state written before scopes and quarantine
+                    self.db.execute(f"ALTER TABLE items ADD COLUMN {column} {kind}")
+            self.db.commit()
         except sqlite3.Error as err:
             fcntl.flock(self.lock_file, fcntl.LOCK_UN)
             self.lock_file.close()
@@ -113,22 +159,35 @@ class State:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def items(self) -> dict[str, tuple]:
-        return {r[0]: r[1:] for r in self.db.execute(
-            "SELECT item_id, updated_at, annotations, content_hash, versions FROM items")}
+    def items(self, scope: str) -> dict[str, ItemRow]:
+        """The items this scope wrote (a state from before scopes: all of them, as its one scope)."""
+        rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM items WHERE scope = ? OR scope IS NULL",
+                               (scope,))
+        return {r[0]: ItemRow(r[0], r[1], r[2], r[3], json.loads(r[4] or "[]"), scope, r[6] or 0, r[7] or 0.0, r[8])
+                for r in rows}
 
-    def commit(self, meta: dict[str, str], rows: list[tuple], deleted: list[str]) -> None:
-        with self.db:  # one transaction: all of the run, or none of it
-            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
-            self.db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?)", rows)
-            self.db.executemany("DELETE FROM items WHERE item_id = ?", [(i,) for i in deleted])
+    def commit(self, rows: list[ItemRow], forget: list[str] = (), meta: dict[str, str] | None = None) -> None:
+        with self.lock, self.db:  # one transaction
+            if meta:
+                self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
+            self.db.executemany(f"INSERT OR REPLACE INTO items ({', '.join(_COLUMNS)}) VALUES "
+                                f"({', '.join('?' * len(_COLUMNS))})", [r.as_row() for r in rows])
+            self.db.executemany("DELETE FROM items WHERE item_id = ?", [(i,) for i in forget])
+
+
+def scope_of(dataset_id: str, filters: list[dict] | None) -> str:
+    """What a run looks at: the dataset and the filter, as one short key."""
+    text = json.dumps({"dataset": dataset_id, "filter": filters or []}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def content_hash(item: dict, fingerprint: str) -> str:
     """What decides whether an item must be written again: its annotations, the metadata that
     shapes the task (size, clock, names), and the conversion's own settings and config."""
     md = item.get("metadata") or {}
+    md = md if isinstance(md, dict) else {}
     system = md.get("system") or {}
+    system = system if isinstance(system, dict) else {}
     shaping = {k: item.get(k) for k in ("filename", "dir", "name", "stream")}
     shaping.update({"fps": md.get("fps"), **{k: system.get(k) for k in ("fps", "width", "height", "nb_frames",
                                                                         "duration", "mimetype")}})
@@ -142,19 +201,51 @@ def settings_fingerprint(options: ConvertOptions, config_xml: str) -> str:
     return hashlib.sha1("\x00".join(parts).encode()).hexdigest()
 
 
+def _key(item: dict) -> str | None:
+    key = item.get("id") or item.get("_id")
+    return key if isinstance(key, str) and key else None
+
+
+def _exported(client: DataloopClient, dataset_id: str, filters: list[dict] | None) -> Iterator[dict]:
+    """The export's items one at a time (streamed when the client can), memory following one item."""
+    stream = getattr(client, "export_items", None)
+    if stream is not None:
+        for raw in stream(dataset_id, filters):
+            yield orjson.loads(raw if isinstance(raw, (bytes, bytearray, memoryview)) else getattr(raw, "data", raw))
+        return
+    data = client.export(dataset_id, filters)
+    for a, b in split_array(data):
+        yield orjson.loads(data[a:b])
+
+
+def _gone(client: DataloopClient, item_id: str) -> bool:
+    """Whether Dataloop itself says the item no longer exists (not merely that a listing left it out)."""
+    find = getattr(client, "find_item", None)
+    if find is not None:
+        return find(item_id) is None
+    try:
+        client.item(item_id)
+    except DataloopError as err:
+        if "404" in str(err):
+            return True
+        raise
+    return False
+
+
 def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, project_id: int, state: State,
              filters: list[dict] | None = None, options: ConvertOptions | None = None,
-             defaults: MediaDefaults | None = None, report: Report | None = None) -> RunSummary:
-    started = time.monotonic()
-    begun = dt.datetime.now(dt.timezone.utc)
+             defaults: MediaDefaults | None = None, report: Report | None = None,
+             allow_mass_delete: bool = False) -> RunSummary:
+    started, now = time.monotonic(), time.time()
     requests_before = client.counters.requests
     summary = RunSummary()
     report = report if report is not None else Report()
     options = options or ConvertOptions()
     defaults = defaults or MediaDefaults()
-    if state.get("dataset") not in (None, dataset_id) or state.get("project") not in (None, str(project_id)):
-        raise InputError(str(state.path), None, f"this state belongs to dataset {state.get('dataset')} and project "
-                                                f"{state.get('project')}: use another --state")
+    if state.get("project") not in (None, str(project_id)):
+        raise InputError(str(state.path), None, f"this state belongs to project {state.get('project')}: "
+                                                "use another --state")
+    scope = scope_of(dataset_id, filters)
 
     # the project's config decides the conversion: read it first (it is part of every item's hash)
     project = pusher.project(project_id)
@@ -164,104 +255,148 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
         raise InputError(f"project {project_id}", None, f"its labeling config: {err}") from None
     fingerprint = settings_fingerprint(options, project.label_config or "")
 
-    # 1. what Dataloop has now, and what changed since the cursor
-    known = state.items()
-    listing = {item["id"]: item for item in client.query(dataset_id, filters)}
+    # 1. what Dataloop has now, and what changed since this scope's cursor
+    known = state.items(scope)
+    listing: dict[str, dict] = {}
+    for item in client.query(dataset_id, filters):
+        key = _key(item)
+        if key is None:
+            report.warn(f"dataloop:{dataset_id}", "an item in the listing has no id: left out")
+            continue
+        listing[key] = item
     summary.seen = len(listing)
-    cursor = state.get("cursor")
+    cursor = state.get(f"cursor:{scope}") or (state.get("cursor") if state.get("dataset") == dataset_id
+                                              and not filters else None)
     touched: set[str] = set()
     newest = [item.get("updatedAt") or "" for item in listing.values()]
     if cursor:
-        since = [{"updatedAt": {"$gt": cursor}}]
-        for annotation in client.query(dataset_id, since, resource="annotations"):
+        for annotation in client.query(dataset_id, [{"updatedAt": {"$gt": cursor}}], resource="annotations"):
             touched.add(annotation.get("itemId"))
             newest.append(annotation.get("updatedAt") or "")
-    candidates = [
-        item_id for item_id, item in listing.items()
-        if item_id not in known or item_id in touched or known[item_id][2] is None  # new, touched, failed
-        or known[item_id][0] != item.get("updatedAt") or known[item_id][1] != item.get("annotationsCount")
-    ]
-    deleted = [item_id for item_id in known if item_id not in listing]
+    candidates: list[str] = []
+    for item_id, item in listing.items():
+        row = known.get(item_id)
+        if row is not None and row.retry_at > now:  # quarantined: waits for its next try
+            summary.quarantined += 1
+            report.warn(f"dataloop:{dataset_id}/{item_id}", f"quarantined after {row.failures} failures, next try "
+                        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(row.retry_at))}: {row.last_error}")
+            continue
+        if (row is None or item_id in touched or row.content_hash is None
+                or row.updated_at != item.get("updatedAt") or row.annotations != item.get("annotationsCount")):
+            candidates.append(item_id)
     summary.candidates = len(candidates)
 
-    # 2. read the candidates (many at once through the export command, as the first run does);
-    #    keep those whose annotations really changed
+    # an item missing from the listing is deleted only when Dataloop says it is gone
+    deleted, left = [], []
+    for item_id in (i for i in known if i not in listing):
+        (deleted if _gone(client, item_id) else left).append(item_id)
+    summary.left_scope = len(left)
+    if left:
+        state.commit([], forget=left)  # no longer this scope's to manage; its task stays as it is
+
+    # 2. read the candidates; keep those whose annotations really changed
     exported: dict[str, list] = {}
     if len(candidates) > max(EXPORT_AT, len(listing) // 5):
-        data = client.export(dataset_id, filters)
-        for a, b in split_array(data):
-            entry = orjson.loads(data[a:b])
-            exported[entry["id"]] = entry.get("annotations") or []
+        wanted = set(candidates)
+        for entry in _exported(client, dataset_id, filters):
+            key = _key(entry)
+            if key in wanted:
+                exported[key] = entry.get("annotations") or []
     changed: list[tuple[str, dict, str]] = []
+    unchanged: list[ItemRow] = []
     for item_id in candidates:
         item = dict(listing[item_id])
         item["annotations"] = exported[item_id] if item_id in exported else client.item_annotations(item_id)
         digest = content_hash(item, fingerprint)
-        if item_id in known and known[item_id][2] == digest:
+        row = known.get(item_id)
+        if row is not None and row.content_hash == digest:
+            unchanged.append(ItemRow(item_id, item.get("updatedAt"), item.get("annotationsCount"), digest,
+                                     row.versions, scope))
             continue
         changed.append((item_id, item, digest))
     summary.changed = len(changed)
+    state.commit(unchanged)
 
-    # 3. write them, and take deleted items' predictions away
-    rows: list[tuple] = [(i, listing[i].get("updatedAt"), listing[i].get("annotationsCount"), known[i][2], known[i][3])
-                         for i in candidates if i in known and i not in {c[0] for c in changed}]
+    # 3. plan every change with the one planner, and write batch by batch, recording as they land
     if changed or deleted:
-        existing = pusher.existing_tasks(project_id)
-        by_item = {t.data.get("dataloop_item_id"): t for t in existing}
-        planner = push.Planner(existing, options.config.objects[0].data_key)
+        planner = push.Planner(push.Pusher.existing_tasks(pusher, project_id), options.config.objects[0].data_key,
+                               warn=lambda line: report.warn(f"project {project_id}", line))
+        pending: dict[str, ItemRow] = {}
 
-        def changes():
+        def fail(item_id: str, reason: str) -> ItemRow:
+            row = known.get(item_id) or ItemRow(item_id, None, None, None, [], scope)
+            item = listing.get(item_id, {})
+            row = ItemRow(item_id, item.get("updatedAt"), item.get("annotationsCount"), None, row.versions, scope,
+                          row.failures, row.retry_at, row.last_error).failed(reason, now)
+            summary.failed += 1
+            return row
+
+        def changes() -> Iterator[push.Change]:
             for item_id, item, digest in changed:
                 origin = f"dataloop:{dataset_id}/{item_id}"
                 try:
-                    tracks = item_tracks(decode_item(orjson.dumps(item), origin), origin, defaults)
-                    task, item_report = to_task(tracks, options)
+                    entry = Entry(origin, item=decode_item(orjson.dumps(item), origin))
                 except InputError as err:
-                    report.item_failed(err)
-                    summary.failed += 1
-                    # remembered without a hash: a candidate again on every run until it converts
-                    rows.append((item_id, item.get("updatedAt"), item.get("annotationsCount"), None,
-                                 known[item_id][3] if item_id in known else None))
+                    entry = Entry(origin, error=err)
+                converted = convert_item(entry, options, defaults)
+                report.merge(converted.report)
+                previous = known[item_id].versions if item_id in known else []
+                if converted.task is None:
+                    reason = next((p.reason for p in converted.report.problems if p.outcome == "item-failed"),
+                                  "not converted")
+                    state.commit([fail(item_id, reason)])
                     continue
-                report.merge(item_report)
-                change = planner.plan(task, summary.stats, lambda w, where=origin: report.warn(where, w))
-                if change is None:
+                change = planner.plan(converted.task, converted.body, summary.stats, previous)
+                versions = sorted({p["model_version"] for p in converted.task["predictions"]})
+                row = ItemRow(item_id, item.get("updatedAt"), item.get("annotationsCount"), digest, versions, scope)
+                if change is None or not change.writes_anything:
+                    state.commit([row] if change is not None else [fail(item_id, "matched no task unambiguously")])
                     continue
-                versions = {p["model_version"] for p in task["predictions"]}
-                previous = set(json.loads(known[item_id][3])) if item_id in known and known[item_id][3] else set()
-                task_now = by_item.get(item_id)
-                if task_now is not None:  # versions this item no longer has
-                    for version in previous - versions:
-                        change.delete += [pid for pid, _ in task_now.predictions.get(version, [])]
-                rows.append((item_id, item.get("updatedAt"), item.get("annotationsCount"), digest,
-                             json.dumps(sorted(versions))))
+                pending[item_id] = row
                 yield change
+            doomed = [(item_id, planner.by_item[item_id].id) for item_id in deleted if item_id in planner.by_item]
+            check = push.mass_deletion(doomed, planner.total_tasks, allow_mass_delete)
+            if not check.allowed:
+                summary.deletions_refused = True
+                summary.stats.deletions_refused = len(doomed)
+                report.warn(f"project {project_id}", check.line())
+                return
             for item_id in deleted:
-                task_now = by_item.get(item_id)
-                if task_now is None:
-                    continue
-                previous = set(json.loads(known[item_id][3] or "[]"))
-                doomed = [pid for v in previous for pid, _ in task_now.predictions.get(v, [])]
-                yield push.Change(task_id=task_now.id, delete=doomed)
+                change = planner.plan_deleted(item_id, known[item_id].versions, summary.stats)
                 summary.deleted += 1
+                if change is None or not change.writes_anything:
+                    state.commit([], forget=[item_id])
+                    continue
+                yield change
 
-        push.apply(pusher, project_id, changes())
-        for item_id in deleted:
-            task_now = by_item.get(item_id)
-            ours = set(json.loads(known[item_id][3] or "[]"))
-            if task_now is not None and not task_now.annotations and set(task_now.predictions) <= ours:
-                pusher.delete_task(task_now.id)  # nobody annotated it and nothing else is on it
-        if summary.stats.versions and not project.model_version:
-            # an empty project shows predictions of its model_version only: give it ours once;
-            # a version someone chose is theirs to keep
-            pusher.set_model_version(project_id, summary.stats.versions.most_common(1)[0][0])
+        def landed(result: push.BatchResult) -> None:
+            rows, forget = [], []
+            for change in result.landed:
+                if change.item in pending:
+                    rows.append(pending.pop(change.item))
+                else:
+                    forget.append(change.item)  # a deleted item, now taken away
+            for change, why in result.refused:
+                pending.pop(change.item, None)
+                report.item_failed(InputError(f"dataloop:{dataset_id}/{change.item}", None,
+                                              f"Label Studio refused it: {why}"))
+                rows.append(fail(change.item, f"Label Studio refused it: {why}"))
+            state.commit(rows, forget)
 
-    # 4. remember, only now that Label Studio has accepted everything
-    # the cursor follows Dataloop's clock (the newest updatedAt it showed), not this machine's
+        push.apply(pusher, project_id, changes(), on_batch=landed)
+        version = planner.model_version(project.model_version, summary.stats)
+        if version:
+            pusher.set_model_version(project_id, version)
+
+    # 4. the cursor follows Dataloop's clock (the newest updatedAt it showed), not this machine's
+    begun = dt.datetime.now(dt.timezone.utc)
     latest = max([t for t in newest if t] or [cursor or (begun - SKEW).strftime("%Y-%m-%dT%H:%M:%S.000Z")])
-    state.commit({"dataset": dataset_id, "project": str(project_id), "cursor": _minus(latest, SKEW)}, rows, deleted)
+    state.commit([], meta={"project": str(project_id), f"cursor:{scope}": _minus(latest, SKEW),
+                           f"scope:{scope}": json.dumps({"dataset": dataset_id, "filter": filters or []})})
     summary.dataloop_requests = client.counters.requests - requests_before
     summary.seconds = time.monotonic() - started
+    if summary.quarantined:
+        log.warning("%d items quarantined (see the lines above)", summary.quarantined)
     return summary
 
 

@@ -1,52 +1,72 @@
 """Write converted tasks and predictions into a Label Studio project through label-studio-sdk.
 
-Idempotent and resumable by construction: every run first reads what the project holds (tasks
-with their predictions, matched to Dataloop items by `data.dataloop_item_id`, or by media file
-name), then
-- items without a task become tasks with their predictions (bulk `import_tasks`);
-- for items with a task, each model_version ends with exactly one prediction: unchanged ones are
-  left alone, changed or duplicated ones are deleted and written again (bulk
-  `import_predictions`); other versions and all annotations are never touched.
-A run killed anywhere leaves a state the next run reads and finishes. The planning (`Planner`) is
-pure; only `Pusher` speaks to the server.
+Two parts, kept apart:
+- `Planner` (pure) decides every change to a project, for `push`, `sync` and the service alike:
+  which task is which item's (identity), what a task's data may gain (never its media), which
+  predictions are created, replaced, kept or deleted (stale versions, deleted items), whether a
+  deletion is too large to make without being asked, and the project's `model_version`.
+- `Pusher` is the only code that talks to Label Studio; `apply` carries a plan out in bulk.
+
+Idempotent and resumable: every run first reads what the project holds; each task records, in its
+`meta.dl2ls`, the content hash of every prediction dl2ls wrote on it, so a run that changes
+nothing reads one paged task listing and writes nothing. A prediction is replaced by deleting its
+version on the task first and writing after, so a run killed anywhere leaves a state the next run
+reads and finishes, without duplicates.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import posixpath
+import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
-from urllib.parse import parse_qs, unquote, urlparse
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import urlsplit
 
 import orjson
+
+from dl2ls.labelstudio.identity import Matching, PathIndex, match, media_parts
+from dl2ls.report import escape
 
 log = logging.getLogger("dl2ls.push")
 
 BATCH_BYTES = 8 << 20  # per bulk request: well under the server's request limits
 BATCH_TASKS = 1000  # per request; larger batches cost the server less per task
 FIRST_BATCH = 100  # batches start small and double: writing starts early and overlaps conversion
-RETRIES = 5  # the SDK retries connection errors, 429 and 5xx with exponential backoff
+RETRIES = 5  # idempotent requests (reads, deletes, updates) on connection errors, 429 and 5xx
+PAGE_SIZE = 1000
+META_KEY = "dl2ls"  # task.meta[META_KEY] = {"predictions": {model_version: content hash}}
+OWNED_KEYS = ("fps", "dataloop_item_id", "dataloop_dataset_id", "dataloop_filename")  # task data dl2ls adds
+
+#: A run may delete at most this share of a project's tasks, or this many, without being asked.
+MASS_DELETE_SHARE, MASS_DELETE_COUNT = 0.10, 20
 
 
 class PushError(Exception):
     """One line: what went wrong talking to Label Studio, and the fix."""
 
 
+class Rejected(PushError):
+    """Label Studio refused a write for what it holds (4xx other than auth): the items in it are
+    at fault, not the connection, so the batch is split to find them."""
+
+
 def prediction_hash(result: list, score: float | None) -> str:
     return hashlib.sha1(orjson.dumps({"result": result, "score": score}, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def media_name(value: Any) -> str | None:
-    """The file name of a task's media URL: s3://b/a/clip.mp4, /data/local-files/?d=a/clip.mp4 ..."""
-    if not isinstance(value, str) or not value:
-        return None
-    url = urlparse(value)
-    if "d" in parse_qs(url.query):
-        return posixpath.basename(unquote(parse_qs(url.query)["d"][0])) or None
-    return posixpath.basename(unquote(url.path)) or None
+def item_key(data: dict) -> str | None:
+    """The identity dl2ls gives a task's item: its Dataloop id, else (items of older exports have
+    none) its remote path."""
+    item_id = data.get("dataloop_item_id")
+    if isinstance(item_id, str) and item_id:
+        return item_id
+    filename = data.get("dataloop_filename")
+    if isinstance(filename, str) and filename:
+        return "file:" + filename
+    return None
 
 
 # ----------------------------------------------------------------------------- planning (pure)
@@ -54,10 +74,26 @@ def media_name(value: Any) -> str | None:
 
 @dataclass
 class ExistingTask:
+    """What a paged task listing says of a task (no prediction bodies)."""
+
     id: int
     data: dict
-    predictions: dict[str, list[tuple[int, str]]]  # model_version -> [(prediction id, hash)]
     annotations: int = 0  # people's annotations on it
+    total_predictions: int = 0
+    versions: list[str] | None = None  # distinct model_versions of its predictions; None: unreadable
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def recorded(self) -> dict[str, str]:
+        """model_version -> hash of the prediction dl2ls last wrote (from task meta)."""
+        ours = self.meta.get(META_KEY) if isinstance(self.meta, dict) else None
+        preds = ours.get("predictions") if isinstance(ours, dict) else None
+        return {k: v for k, v in preds.items() if isinstance(v, str)} if isinstance(preds, dict) else {}
+
+    @property
+    def consistent(self) -> bool:
+        """The listing shows every prediction once per version (no duplicate to clean up)."""
+        return self.versions is not None and self.total_predictions == len(self.versions)
 
 
 @dataclass
@@ -66,120 +102,240 @@ class Stats:
     predictions_created: int = 0
     predictions_replaced: int = 0
     predictions_unchanged: int = 0
-    duplicates_removed: int = 0
+    predictions_deleted: int = 0  # versions an item no longer has, and deleted items'
+    tasks_deleted: int = 0
     task_data_updated: int = 0
-    items_skipped: int = 0
+    items_skipped: int = 0  # listed twice in the sources
+    items_ambiguous: int = 0
+    items_failed: int = 0  # refused by Label Studio
+    deletions_refused: int = 0
     versions: Counter = field(default_factory=Counter)
-    first_version: str | None = None  # of the first prediction written: an empty project adopts it
 
     def summary(self) -> str:
-        return (f"tasks created {self.tasks_created}; predictions created {self.predictions_created}, "
-                f"replaced {self.predictions_replaced}, unchanged {self.predictions_unchanged}"
-                + (f", duplicates removed {self.duplicates_removed}" if self.duplicates_removed else "")
-                + (f"; task data completed {self.task_data_updated}" if self.task_data_updated else "")
-                + (f"; items skipped {self.items_skipped}" if self.items_skipped else ""))
+        parts = [f"tasks created {self.tasks_created}; predictions created {self.predictions_created}, "
+                 f"replaced {self.predictions_replaced}, unchanged {self.predictions_unchanged}"]
+        for name, label in (("predictions_deleted", "predictions deleted"), ("tasks_deleted", "tasks deleted"),
+                            ("task_data_updated", "task data completed"), ("items_skipped", "items listed twice"),
+                            ("items_ambiguous", "items matched to no task (ambiguous)"),
+                            ("items_failed", "items refused by Label Studio"),
+                            ("deletions_refused", "deletions refused")):
+            if getattr(self, name):
+                parts.append(f"{label} {getattr(self, name)}")
+        return "; ".join(parts)
+
+    def to_json(self) -> dict:
+        return {**{k: v for k, v in vars(self).items() if k != "versions"}, "versions": dict(self.versions)}
 
 
 @dataclass
 class Change:
-    """What one converted item needs."""
+    """What one item needs."""
 
-    new_task: dict | None = None  # a whole task, with predictions
+    item: str | None = None  # the item's identity (for reports and sync's state)
+    new_task: bytes | None = None  # a whole task, with predictions, as JSON
     task_id: int | None = None
     write: list[dict] = field(default_factory=list)  # predictions for task_id
-    delete: list[int] = field(default_factory=list)  # prediction ids
-    data_update: dict | None = None  # data keys an existing task lacks (fps, Dataloop ids)
+    replace_versions: list[str] = field(default_factory=list)  # delete these versions on task_id first
+    data_update: dict | None = None  # the task's whole data, with the keys it lacked
+    meta_update: dict | None = None  # the task's whole meta, with dl2ls's record
+    delete_task: bool = False
+
+    @property
+    def writes_anything(self) -> bool:
+        return bool(self.new_task or self.write or self.replace_versions or self.data_update
+                    or self.meta_update or self.delete_task)
+
+    def size(self) -> int:
+        return len(self.new_task or b"") + sum(len(orjson.dumps(w)) for w in self.write) + 64
 
 
-OWNED_KEYS = ("fps", "dataloop_item_id", "dataloop_dataset_id", "dataloop_filename")  # task data dl2ls keeps
+@dataclass
+class DeletionCheck:
+    """Deleted items' tasks a run would take away, and whether it may."""
+
+    doomed: list[tuple[str, int]]  # (item, task id)
+    total_tasks: int
+    allowed: bool
+
+    def line(self) -> str:
+        names = ", ".join(f"{escape(item)} (task {task})" for item, task in self.doomed[:20])
+        more = f" and {len(self.doomed) - 20} more" if len(self.doomed) > 20 else ""
+        return (f"refused to delete {len(self.doomed)} of {self.total_tasks} tasks' predictions in one run "
+                f"(more than {MASS_DELETE_SHARE:.0%} and {MASS_DELETE_COUNT}): {names}{more}; "
+                "if Dataloop really lost them, run again with --allow-mass-delete")
+
+
+def mass_deletion(doomed: list[tuple[str, int]], total_tasks: int, allow: bool) -> DeletionCheck:
+    big = len(doomed) > MASS_DELETE_COUNT and len(doomed) > MASS_DELETE_SHARE * total_tasks
+    return DeletionCheck(doomed, total_tasks, allowed=allow or not big)
 
 
 class Planner:
     """Decides, per converted task, what must change in the project (no I/O)."""
 
-    def __init__(self, existing: Iterable[ExistingTask], data_key: str, match: str = "item-id"):
+    def __init__(self, existing: Iterable[ExistingTask], data_key: str, match_mode: str = "item-id",
+                 warn: Callable[[str], None] | None = None):
         self.data_key = data_key
-        self.match = match
+        self.match_mode = match_mode
+        self.warn = warn or (lambda line: None)
+        self.tasks: dict[int, ExistingTask] = {}
         self.by_item: dict[str, ExistingTask] = {}
-        self.by_name: dict[str, ExistingTask] = {}
-        self.shared: dict[str, list[int]] = {}  # item id -> task ids, when several tasks claim one item
-        self.claimed: set[int] = set()  # tasks an item of this run already took
+        self.adoptable: PathIndex[int] = PathIndex()  # tasks of no item yet, by media path
+        self.matching: Matching = Matching()
         self.seen_items: set[str] = set()
-        for task in existing:
-            item_id = task.data.get("dataloop_item_id")
-            if item_id:
-                if item_id in self.by_item:
-                    self.shared.setdefault(item_id, [self.by_item[item_id].id]).append(task.id)
-                self.by_item.setdefault(item_id, task)
-                continue
-            # only tasks that belong to no Dataloop item yet may be found by their media's name
-            name = media_name(task.data.get(data_key))
-            if name:
-                self.by_name.setdefault(name, task)
+        claims: dict[str, list[int]] = {}
+        for task in sorted(existing, key=lambda t: t.id):
+            self.tasks[task.id] = task
+            key = item_key(task.data)
+            if key:
+                claims.setdefault(key, []).append(task.id)
+                self.by_item.setdefault(key, task)  # the oldest task of an item is its task
+            else:
+                self.adoptable.add(media_parts(task.data.get(data_key)), task.id)
+        for key, ids in claims.items():
+            if len(ids) > 1:
+                self.warn(f"tasks {ids} all belong to item {escape(key)}: only task {ids[0]} is updated; "
+                          "remove the others")
 
-    def find(self, task: dict) -> ExistingTask | None:
-        data = task["data"]
-        found = self.by_item.get(data.get("dataloop_item_id") or "")
-        if found is None and self.match == "filename":
-            name = media_name(data.get("dataloop_filename")) or media_name(data.get(self.data_key)) or ""
-            candidate = self.by_name.get(name)
-            if candidate is not None and candidate.id not in self.claimed:
-                found = candidate
+    @property
+    def total_tasks(self) -> int:
+        return len(self.tasks)
+
+    def match_paths(self, items: dict[str, str | None]) -> None:
+        """With --match filename: pair items (identity -> remote path) with tasks that belong to no
+        item yet, by longest shared path suffix; ambiguous pairs are reported and left alone."""
+        if self.match_mode != "filename":
+            return
+        parts = {key: media_parts(path) for key, path in items.items() if key not in self.by_item}
+        self.matching = match({k: p for k, p in parts.items() if p}, self.adoptable)
+        for ambiguity in self.matching.ambiguous_items.values():
+            self.warn(ambiguity.line("item", "tasks"))
+        for ambiguity in self.matching.ambiguous_tasks.values():
+            self.warn(ambiguity.line("task", "items"))
+
+    def _ambiguous(self, key: str) -> bool:
+        if key in self.matching.ambiguous_items:
+            return True
+        return any(key in [k for k, _ in a.candidates] for a in self.matching.ambiguous_tasks.values())
+
+    def find(self, key: str) -> ExistingTask | None:
+        found = self.by_item.get(key)
+        if found is None and key in self.matching.pairs:
+            found = self.tasks[self.matching.pairs[key]]
         return found
 
-    def plan(self, task: dict, stats: Stats, warn: Callable[[str], None] | None = None) -> Change | None:
-        """The change one converted task needs; None for an item this run has already planned."""
-        item_id = task["data"].get("dataloop_item_id")
-        if item_id:
-            if item_id in self.seen_items:  # the same item twice in the sources (V1 and V2 names...)
-                stats.items_skipped += 1
-                if warn:
-                    warn(f"item {item_id} appears more than once in the sources: the first one counts")
-                return None
-            self.seen_items.add(item_id)
-            if item_id in self.shared and warn:
-                warn(f"tasks {self.shared[item_id]} all belong to item {item_id}: only task "
-                     f"{self.shared[item_id][0]} is updated; remove the others")
-        existing = self.find(task)
-        for prediction in task["predictions"]:
-            stats.versions[prediction["model_version"]] += 1
-            if stats.first_version is None:
-                stats.first_version = prediction["model_version"]
+    def plan(self, task: dict, body: bytes, stats: Stats, previous_versions: Iterable[str] = ()) -> Change | None:
+        """The change one converted task needs; None when the item must not be written (listed
+        twice, or matched ambiguously). `previous_versions`: versions written for this item
+        before (sync's state), deleted when the item no longer has them."""
+        key = item_key(task["data"])
+        if key is None:  # the reader gives every item an identity; a task without one is a bug upstream
+            raise ValueError("a converted task without dataloop_item_id or dataloop_filename")
+        if key in self.seen_items:  # the same item twice in the sources (V1 and V2 names...)
+            stats.items_skipped += 1
+            self.warn(f"item {escape(key)} appears more than once in the sources: the first one counts")
+            return None
+        self.seen_items.add(key)
+        if self._ambiguous(key):
+            stats.items_ambiguous += 1
+            return None
+        hashes = {p["model_version"]: prediction_hash(p["result"], p.get("score")) for p in task["predictions"]}
+        stats.versions.update(hashes)
+        existing = self.find(key)
         if existing is None:
             stats.tasks_created += 1
-            stats.predictions_created += len(task["predictions"])
-            return Change(new_task=task)
-        self.claimed.add(existing.id)
-        change = Change(task_id=existing.id)
-        ours = existing.data.get("dataloop_item_id") == item_id  # a task dl2ls made (or adopted) for it
-        update = {k: v for k, v in task["data"].items()
-                  if (k in OWNED_KEYS or (k == self.data_key and ours)) and existing.data.get(k) != v
-                  or (k not in existing.data and k != self.data_key)}
-        if update:
-            change.data_update = {**existing.data, **update}
+            stats.predictions_created += len(hashes)
+            return Change(item=key, new_task=_with_meta(body, {META_KEY: {"predictions": hashes}}))
+
+        change = Change(item=key, task_id=existing.id)
+        missing = {k: v for k, v in task["data"].items()
+                   if k in OWNED_KEYS and v is not None and k not in existing.data}
+        if missing:  # the task's media, and anything the user put there, stay as they are
+            change.data_update = {**existing.data, **missing}
             stats.task_data_updated += 1
+        fps = task["data"].get("fps")
+        if fps is not None and existing.data.get("fps") not in (None, fps):
+            self.warn(f"task {existing.id}: its fps {existing.data.get('fps')!r} differs from item {escape(key)}'s "
+                      f"{fps}: left as it is; frames may drift")
+        recorded = existing.recorded
+        shown = set(existing.versions or ())
         for prediction in task["predictions"]:
             version = prediction["model_version"]
-            have = existing.predictions.get(version, [])
-            digest = prediction_hash(prediction["result"], prediction.get("score"))
-            if len(have) == 1 and have[0][1] == digest:
+            if existing.consistent and version in shown and recorded.get(version) == hashes[version]:
                 stats.predictions_unchanged += 1
                 continue
-            same = [pid for pid, h in have if h == digest]
-            if same:  # a duplicate left by an interrupted run: keep one, drop the rest
-                change.delete += [pid for pid, _ in have if pid != same[0]]
-                stats.duplicates_removed += len(have) - 1
-                continue
-            change.delete += [pid for pid, _ in have]
-            if have:
-                stats.predictions_replaced += 1
+            if version in shown or not existing.consistent:
+                change.replace_versions.append(version)
+                stats.predictions_replaced += version in shown
+                stats.predictions_created += version not in shown
             else:
                 stats.predictions_created += 1
             change.write.append({"task": existing.id, **prediction})
+        stale = (set(recorded) | set(previous_versions)) - set(hashes)
+        gone = sorted(v for v in stale if v in shown or not existing.consistent)
+        change.replace_versions += gone
+        stats.predictions_deleted += len(gone)
+        if change.write or gone or set(recorded) != set(hashes):
+            change.meta_update = {**existing.meta, META_KEY: {"predictions": hashes}}
         return change
+
+    def plan_deleted(self, key: str, previous_versions: Iterable[str], stats: Stats) -> Change | None:
+        """An item Dataloop deleted: its predictions go, and its task too unless someone annotated
+        it or another source's predictions are on it."""
+        existing = self.by_item.get(key)
+        if existing is None:
+            return None
+        ours = set(existing.recorded) | set(previous_versions)
+        shown = set(existing.versions or ())
+        change = Change(item=key, task_id=existing.id, replace_versions=sorted(ours & shown if existing.versions
+                                                                             is not None else ours))
+        if not existing.annotations and existing.versions is not None and shown <= ours:
+            change.delete_task = True
+            stats.tasks_deleted += 1
+        stats.predictions_deleted += len(change.replace_versions)
+        return change
+
+    def model_version(self, current: str | None, stats: Stats) -> str | None:
+        """The project's model_version decides which predictions the labeling stream shows. Set it
+        to the version this run wrote most when the project has none or shows one of dl2ls's own;
+        a version someone else chose is theirs to keep (and we say how to see ours)."""
+        if not stats.versions:
+            return None
+        top = stats.versions.most_common(1)[0][0]
+        if current == top:
+            return None
+        ours = set(stats.versions) | {v for t in self.tasks.values() for v in t.recorded}
+        if not current or current in ours:
+            return top
+        self.warn(f"the project shows predictions of model_version {current!r}; dl2ls wrote {top!r}: pick it in "
+                  "the project's settings (Annotation > Live predictions) to see them in the labeling stream")
+        return None
+
+
+def _with_meta(body: bytes, meta: dict) -> bytes:
+    """The task's JSON with a `meta` object added, without serialising the whole task again."""
+    return b'{"meta":' + orjson.dumps(meta) + b"," + body[1:]
 
 
 # ----------------------------------------------------------------------------- the server
+
+
+def check_url(url: str) -> str:
+    """LABEL_STUDIO_URL, checked: a scheme and a host, and no credentials (a token goes in
+    LABEL_STUDIO_API_KEY; a user:password@ in the URL would silently replace it with basic auth)."""
+    if not url:
+        raise PushError("LABEL_STUDIO_URL is not set: export LABEL_STUDIO_URL=http://host:8080")
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise PushError("LABEL_STUDIO_URL is not a URL: expected e.g. http://host:8080") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PushError(f"LABEL_STUDIO_URL must start with http:// or https:// and name a host "
+                        f"(e.g. http://{escape(url.strip()[:60])})")
+    if parts.username or parts.password:
+        raise PushError("LABEL_STUDIO_URL must not carry user:password@: put the token in LABEL_STUDIO_API_KEY")
+    return url.strip().rstrip("/")
 
 
 class Pusher:
@@ -188,25 +344,25 @@ class Pusher:
     def __init__(self, url: str, api_key: str, timeout: float = 120.0):
         from label_studio_sdk import LabelStudio  # heavy: only for the commands that talk to a server
 
-        if not url:
-            raise PushError("LABEL_STUDIO_URL is not set: export LABEL_STUDIO_URL=http://host:8080")
+        self.url = check_url(url)
         if not api_key:
             raise PushError("LABEL_STUDIO_API_KEY is not set: copy your token from Label Studio's "
                             "Account & Settings page")
-        self.client = LabelStudio(base_url=url.rstrip("/"), api_key=api_key, timeout=timeout)
-        parsed = urlparse(url.rstrip("/"))  # for messages: never the user:password@ of a URL
-        self.url = parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl() \
-            if parsed.hostname else url.rstrip("/")
+        self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
         self.options = {"max_retries": RETRIES}
+        self.requests = Counter()  # by kind, for summaries and benchmarks
 
     # -- errors -------------------------------------------------------------------------------
 
     def _call(self, what: str, fn: Callable, *args, **kwargs):
+        return self._guard(what, lambda: fn(*args, **kwargs, request_options=self.options))
+
+    def _guard(self, what: str, fn: Callable):
         from label_studio_sdk.core.api_error import ApiError
         import httpx
 
         try:
-            return fn(*args, **kwargs, request_options=self.options)
+            return fn()
         except ApiError as err:
             raise PushError(self._explain(what, err.status_code, err.body)) from None
         except httpx.HTTPError as err:
@@ -222,65 +378,81 @@ class Pusher:
             return f"{what}: 404 not found at {self.url}: no such object there, or LABEL_STUDIO_URL is wrong"
         detail = body.get("detail") if isinstance(body, dict) else None
         errors = body.get("validation_errors") if isinstance(body, dict) else None
-        text = str(errors or detail or body)[:300].replace("\n", " ")
+        text = escape(str(errors or detail or body)[:300])
         return f"{what}: HTTP {status}: {text}"
+
+    def _retrying(self, what: str, fn: Callable):
+        """An idempotent request, tried again on a dropped connection (a restarting server)."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return self._guard(what, fn)
+            except PushError as err:
+                if "cannot reach" not in str(err) or attempt == RETRIES:
+                    raise
+                time.sleep(min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.5))
 
     # -- reads --------------------------------------------------------------------------------
 
     def project(self, project_id: int):
+        self.requests["read"] += 1
         return self._call(f"project {project_id}", self.client.projects.get, project_id)
 
+    def projects_titled(self, title: str) -> list:
+        self.requests["read"] += 1
+        return self._guard("list projects", lambda: [
+            p for p in self.client.projects.list(title=title, page_size=100, request_options=self.options)
+            if p.title == title])
+
     def create_project(self, title: str, label_config: str) -> int:
+        self.requests["write"] += 1
         project = self._call("create project", self.client.projects.create, title=title, label_config=label_config)
-        log.info("created project %d %r", project.id, title)
+        log.info("created project %d %r", project.id, escape(title))
         return project.id
 
-    def existing_tasks(self, project_id: int) -> list[ExistingTask]:
-        """Every task of the project (id and data only: the full listing costs the server ~6x
-        more) and, from one predictions listing, its predictions' versions and content hashes."""
-        from label_studio_sdk.core.api_error import ApiError
-
+    def existing_tasks(self, project_id: int) -> Iterator[ExistingTask]:
+        """Every task of the project, a page at a time: id, data, meta, and what its predictions
+        are (how many, which versions) without their bodies."""
         what = f"tasks of project {project_id}"
-        try:
-            tasks = {t.id: ExistingTask(t.id, dict(t.data or {}), {}, t.total_annotations or 0) for t in self._call(
-                what, self.client.tasks.list, project=project_id, include="id,data,total_annotations",
-                page_size=1000)}
-        except ApiError as err:  # the pager fetches further pages lazily, outside _call
-            raise PushError(self._explain(what, err.status_code, err.body)) from None
-        for p in self._call(f"predictions of project {project_id}", self.client.predictions.list,
-                            project=project_id):
-            task = tasks.get(p.task)
-            if task is not None:
-                task.predictions.setdefault(p.model_version or "", []).append(
-                    (p.id, prediction_hash(p.result or [], p.score)))
-        return list(tasks.values())
+        include = "id,data,meta,total_annotations,total_predictions,predictions_model_versions"
+        pager = self._guard(what, lambda: self.client.tasks.list(
+            project=project_id, include=include, page_size=PAGE_SIZE, request_options=self.options))
+        iterator = iter(pager)
+        while True:
+            # further pages are fetched lazily, inside next(): guard each
+            task = self._guard(what, lambda: next(iterator, None))
+            if task is None:
+                return
+            yield ExistingTask(task.id, dict(task.data or {}), task.total_annotations or 0,
+                               task.total_predictions or 0, _versions(task.predictions_model_versions),
+                               dict(task.meta) if isinstance(task.meta, dict) else {})
+
+    def task_predictions(self, task_id: int) -> list[tuple[int, str]]:
+        """(prediction id, model_version) of one task's predictions."""
+        self.requests["read"] += 1
+        found = self._retrying(f"predictions of task {task_id}",
+                               lambda: self.client.predictions.list(task=task_id, request_options=self.options))
+        return [(p.id, p.model_version or "") for p in found]
 
     # -- writes -------------------------------------------------------------------------------
 
-    def import_tasks(self, project_id: int, tasks: list[dict]) -> None:
-        self._post_bulk("import tasks", f"api/projects/{project_id}/import", tasks,
-                        lambda: self.client.projects.import_tasks(project_id, request=tasks, return_task_ids=False,
-                                                                  request_options=self.options))
+    def import_tasks(self, project_id: int, tasks: list[bytes]) -> None:
+        self._post_bulk("import tasks", f"api/projects/{project_id}/import", tasks)
 
-    def import_predictions(self, project_id: int, predictions: list[dict]) -> None:
-        self._post_bulk("import predictions", f"api/projects/{project_id}/import/predictions", predictions,
-                        lambda: self.client.projects.import_predictions(project_id, request=predictions,
-                                                                        request_options=self.options))
+    def import_predictions(self, project_id: int, predictions: list[bytes]) -> None:
+        self._post_bulk("import predictions", f"api/projects/{project_id}/import/predictions", predictions)
 
-    def _post_bulk(self, what: str, path: str, body: list[dict], typed: Callable) -> None:
-        """The bulk endpoints, through the SDK's own HTTP client (auth, base URL, retries) with the
-        body serialised once by orjson: the typed methods walk every value of a large payload
+    def _post_bulk(self, what: str, path: str, parts: list[bytes]) -> None:
+        """The bulk endpoints, through the SDK's own HTTP client (auth, base URL) with a body
+        joined from JSON already made: the typed methods walk every value of a large payload
         through pydantic first, which costs more than the request itself."""
-        http = getattr(getattr(self.client, "_client_wrapper", None), "httpx_client", None)
-        if http is None or not hasattr(http, "request"):  # a future SDK: take the typed way
-            self._call(what, lambda request_options: typed())
-            return
         import httpx
 
+        self.requests["write"] += 1
+        http = self.client._client_wrapper.httpx_client
         try:
             # never re-sent by the client: a resend after a lost answer would import twice. A
             # failed run is finished by the next, which reads what landed first.
-            response = http.request(path, method="POST", content=orjson.dumps(body),
+            response = http.request(path, method="POST", content=b"[" + b",".join(parts) + b"]",
                                     headers={"Content-Type": "application/json"},
                                     request_options={"max_retries": 0})
         except httpx.HTTPError as err:
@@ -290,74 +462,150 @@ class Pusher:
                 detail = response.json()
             except ValueError:
                 detail = response.text
-            raise PushError(self._explain(what, response.status_code, detail))
+            message = self._explain(what, response.status_code, detail)
+            if 400 <= response.status_code < 500 and response.status_code not in (401, 403, 404, 429):
+                raise Rejected(message)
+            raise PushError(message)
 
     def delete_prediction(self, prediction_id: int) -> None:
         from label_studio_sdk.core.api_error import ApiError
 
-        try:
-            self.client.predictions.delete(prediction_id, request_options=self.options)
-        except ApiError as err:
-            if err.status_code != 404:  # already gone: what we wanted
-                raise PushError(self._explain(f"delete prediction {prediction_id}", err.status_code,
-                                              err.body)) from None
+        def delete():
+            try:
+                self.client.predictions.delete(prediction_id, request_options=self.options)
+            except ApiError as err:
+                if err.status_code != 404:  # already gone: what we wanted
+                    raise
+
+        self.requests["write"] += 1
+        self._retrying(f"delete prediction {prediction_id}", delete)
 
     def delete_task(self, task_id: int) -> None:
-        self._call(f"delete task {task_id}", self.client.tasks.delete, str(task_id))
+        from label_studio_sdk.core.api_error import ApiError
 
-    def update_task_data(self, task_id: int, data: dict) -> None:
-        self._call(f"update task {task_id}", self.client.tasks.update, str(task_id), data=data)
+        def delete():
+            try:
+                self.client.tasks.delete(str(task_id), request_options=self.options)
+            except ApiError as err:
+                if err.status_code != 404:
+                    raise
+
+        self.requests["write"] += 1
+        self._retrying(f"delete task {task_id}", delete)
+
+    def update_task(self, task_id: int, data: dict | None = None, meta: dict | None = None) -> None:
+        fields = {k: v for k, v in (("data", data), ("meta", meta)) if v is not None}
+        self.requests["write"] += 1
+        self._retrying(f"update task {task_id}",
+                       lambda: self.client.tasks.update(str(task_id), **fields, request_options=self.options))
 
     def set_model_version(self, project_id: int, version: str) -> None:
+        self.requests["write"] += 1
         self._call("set the project's model_version", self.client.projects.update, project_id,
                    model_version=version)
 
 
-def apply(pusher: Pusher, project_id: int, changes: Iterable[Change], dry_run: bool = False) -> None:
-    """Carry out the changes in bulk batches. A batch's deletions go before its writes, so an
-    interruption never leaves two predictions of one version unnoticed. One batch is written by a
-    background thread while the next is converted: the request waits on the server, the
-    conversion on this process, and the two overlap (one request at a time, in order). Batches
-    start small and double, so that the server starts early and never waits for the converter."""
+def _versions(shown: Any) -> list[str] | None:
+    """The listing's `predictions_model_versions`: a comma-joined text of distinct versions (cut
+    at a length limit). None when it cannot be read exactly, so the caller looks closer."""
+    if shown in (None, "", []):
+        return []
+    if isinstance(shown, list):
+        return [str(v) for v in shown]
+    if not isinstance(shown, str) or len(shown) >= 500:
+        return None
+    return [v.strip() for v in shown.split(",") if v.strip()]
+
+
+# ----------------------------------------------------------------------------- carrying it out
+
+
+@dataclass
+class BatchResult:
+    """What one batch did: the changes that landed, and those Label Studio refused (with why)."""
+
+    landed: list[Change]
+    refused: list[tuple[Change, str]]
+
+
+def apply(pusher: Pusher, project_id: int, changes: Iterable[Change | None], dry_run: bool = False,
+          on_batch: Callable[[BatchResult], None] | None = None) -> None:
+    """Carry out the changes in bulk batches, one batch written by a background thread while the
+    next is converted (one request at a time, in order). Batches start small and double, so the
+    server starts early and never waits for the converter. Within a batch, a task's versions are
+    deleted before its predictions are written. A batch Label Studio rejects for its content is
+    split until the items at fault are found: they are reported, the rest lands."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def flush(new_tasks: list[dict], writes: list[dict], deletes: list[int], updates: list[tuple[int, dict]]):
-        for task_id, data in updates:
-            pusher.update_task_data(task_id, data)
-        for pid in deletes:
-            pusher.delete_prediction(pid)
-        if writes:
-            pusher.import_predictions(project_id, writes)
-        if new_tasks:
-            pusher.import_tasks(project_id, new_tasks)
+    def write(batch: list[Change]) -> BatchResult:
+        # the two bulk requests are split apart: what one of them landed is never sent again
+        updates = _bisect([c for c in batch if c.new_task is None], lambda b: _flush_existing(pusher, project_id, b))
+        creates = _bisect([c for c in batch if c.new_task is not None],
+                          lambda b: pusher.import_tasks(project_id, [c.new_task for c in b]))
+        return BatchResult(updates.landed + creates.landed, updates.refused + creates.refused)
+
+    def run(batch: list[Change]) -> None:
+        result = write(batch)
+        if on_batch is not None:
+            on_batch(result)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dl2ls-push") as writer:
         in_flight = None
-        new_tasks, writes, deletes, updates, used = [], [], [], [], 0
+        batch: list[Change] = []
+        used, limit = 0, min(FIRST_BATCH, BATCH_TASKS)
 
         def submit():
             nonlocal in_flight
             if in_flight is not None:
                 in_flight.result()  # the previous batch landed (or its error surfaces here)
-            in_flight = None if dry_run else writer.submit(flush, new_tasks, writes, deletes, updates)
+            in_flight = None if dry_run else writer.submit(run, batch)
 
-        limit = min(FIRST_BATCH, BATCH_TASKS)
         for change in changes:
-            if change is None:
+            if change is None or not change.writes_anything:
                 continue
-            if change.new_task is not None:
-                new_tasks.append(change.new_task)
-                used += len(orjson.dumps(change.new_task))
-            writes.extend(change.write)
-            used += sum(len(orjson.dumps(w)) for w in change.write)
-            deletes.extend(change.delete)
-            if change.data_update is not None:
-                updates.append((change.task_id, change.data_update))
-            if used > BATCH_BYTES or len(new_tasks) + len(writes) >= limit:
+            batch.append(change)
+            used += change.size()
+            if used > BATCH_BYTES or len(batch) >= limit:
                 submit()
-                new_tasks, writes, deletes, updates, used = [], [], [], [], 0
+                batch, used = [], 0
                 limit = min(2 * limit, BATCH_TASKS)
-        if new_tasks or writes or deletes or updates:
+        if batch:
             submit()
         if in_flight is not None:
             in_flight.result()
+
+
+def _bisect(batch: list[Change], send: Callable[[list[Change]], None]) -> BatchResult:
+    """Send a batch; when Label Studio rejects it for its content, send each half, down to the
+    single changes at fault."""
+    if not batch:
+        return BatchResult([], [])
+    try:
+        send(batch)
+        return BatchResult(batch, [])
+    except Rejected as err:
+        if len(batch) == 1:
+            return BatchResult([], [(batch[0], str(err))])
+    half = len(batch) // 2
+    first, second = _bisect(batch[:half], send), _bisect(batch[half:], send)
+    return BatchResult(first.landed + second.landed, first.refused + second.refused)
+
+
+def _flush_existing(pusher: Pusher, project_id: int, batch: list[Change]) -> None:
+    """Changes to existing tasks: their old versions go first, then the new predictions in one
+    bulk request, then the task's record of them (a run killed before the record replaces the
+    version again next time, so nothing is ever doubled)."""
+    for change in batch:
+        if change.replace_versions:
+            doomed = set(change.replace_versions)
+            for pid, version in pusher.task_predictions(change.task_id):
+                if version in doomed:
+                    pusher.delete_prediction(pid)
+        if change.delete_task:
+            pusher.delete_task(change.task_id)
+    writes = [orjson.dumps(w) for c in batch for w in c.write]
+    if writes:
+        pusher.import_predictions(project_id, writes)
+    for change in batch:
+        if (change.data_update is not None or change.meta_update is not None) and not change.delete_task:
+            pusher.update_task(change.task_id, data=change.data_update, meta=change.meta_update)

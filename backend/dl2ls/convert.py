@@ -1,0 +1,201 @@
+"""One item in, one Label Studio task (or a reported problem) out.
+
+`convert_item` is the only place that turns anything going wrong while converting an item into a
+line of the report: the CLI, the ML backend and sync all call it, so a hostile file fails alone,
+with one line naming it, whatever path it came in by. The task is serialised here too, inside the
+boundary: a task that cannot be written (a string orjson refuses) is this item's problem, not the
+batch's, and the bulk writers reuse the bytes instead of serialising twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Iterator
+
+import orjson
+
+from dl2ls.dataloop.model import MediaDefaults, decode_annotation, item_id, media_of
+from dl2ls.dataloop.read import Entry, count_items, iter_items
+from dl2ls.labelstudio import config as lsconfig
+from dl2ls.labelstudio.mappers import family_of
+from dl2ls.labelstudio.tasks import ConvertOptions, to_task
+from dl2ls.report import InputError, Report
+from dl2ls.tracks import ItemInfo, item_tracks
+
+try:  # the readers' limits (an item's size, a zip entry's inflation)
+    from dl2ls.dataloop.read import ReadLimits
+except ImportError:  # pragma: no cover - until the readers have them
+    ReadLimits = None  # type: ignore[assignment,misc]
+
+log = logging.getLogger("dl2ls.convert")
+
+
+@dataclass(slots=True)
+class Converted:
+    """What one entry of a source became."""
+
+    origin: str
+    report: Report
+    task: dict | None = None  # None: the entry failed, or was deliberately not converted
+    body: bytes | None = None  # the task as JSON
+    info: ItemInfo | None = None
+
+    @property
+    def kind(self) -> str | None:
+        return self.info.media.kind if self.info is not None else None
+
+    @property
+    def item_id(self) -> str | None:
+        return self.info.item_id if self.info is not None else None
+
+
+def convert_item(entry: Entry, options: ConvertOptions, defaults: MediaDefaults) -> Converted:
+    report = Report()
+    out = Converted(entry.origin, report)
+    if entry.note:
+        report.warn(entry.origin, entry.note)
+        return out
+    if entry.error is not None:
+        report.item_failed(entry.error)
+        return out
+    try:
+        tracks = item_tracks(entry.item, entry.origin, defaults)
+        out.info = tracks.info
+        task, item_report = to_task(tracks, options)
+        body = orjson.dumps(task)
+    except InputError as err:
+        report.item_failed(err)
+        return out
+    except Exception as err:  # noqa: BLE001 - the boundary: whatever it was, this item alone fails
+        report.item_failed(InputError(entry.origin, None, describe(err)))
+        log.debug("converting %s", entry.origin, exc_info=True)
+        return out
+    report.merge(item_report)
+    out.task, out.body = task, body
+    return out
+
+
+def describe(err: BaseException) -> str:
+    """A one-line reason for an error nobody foresaw, in the user's terms where we can."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply to read"
+    if isinstance(err, MemoryError):
+        return "too large to convert in the memory available"
+    if isinstance(err, orjson.JSONEncodeError):
+        return f"cannot be written as JSON ({err})"
+    text = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"could not be converted: {type(err).__name__}" + (f": {text}" if text else "")
+
+
+# ----------------------------------------------------------------------------- many sources
+
+
+class KindError(ValueError):
+    """The sources hold videos and images, and no --kind says which (a project holds one kind)."""
+
+
+def entries(sources: list[str], what: str, limits: ReadLimits | None = None) -> Iterator[Entry]:
+    """Every item of every source, with a progress bar on a terminal."""
+    total: int | None = 0
+    for s in sources:
+        n = count_items(s)
+        total = None if n is None or total is None else total + n
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="item", desc=what, file=sys.stderr, leave=False)
+    try:
+        for source in sources:
+            for entry in (iter_items(source, limits=limits) if limits is not None else iter_items(source)):
+                yield entry
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def convert_sources(sources: list[str], options: ConvertOptions, defaults: MediaDefaults, report: Report,
+                    kind: str | None = None, limits: ReadLimits | None = None,
+                    what: str = "convert") -> Iterator[Converted]:
+    """Every item of the sources through `convert_item`, counted into `report`; yields the items
+    that became tasks. Items of another kind than `kind` are left out with a line each; without
+    `kind`, a second kind of media stops the run (KindError) rather than mixing them."""
+    first_kind = kind
+    for entry in entries(sources, what, limits):
+        converted = convert_item(entry, options, defaults)
+        if converted.task is not None and converted.kind != first_kind:
+            if first_kind is None:
+                first_kind = converted.kind
+            elif kind is not None:
+                report.warn(converted.origin, f"{converted.kind} item left out (--kind {kind})")
+                continue
+            else:
+                raise KindError("the sources hold videos and images, and a Label Studio project holds one kind "
+                                "of task: pass --kind video or --kind image")
+        report.merge(converted.report)
+        if converted.task is not None:
+            yield converted
+
+
+def identities(sources: list[str], limits: ReadLimits | None = None) -> dict[str, str | None]:
+    """item identity -> remote path, for every item of the sources (matching by path needs to
+    see every item before the first is written)."""
+    found: dict[str, str | None] = {}
+    for entry in entries(sources, "scan", limits):
+        if entry.item is not None:
+            key = item_id(entry.item) or (f"file:{entry.item.filename}" if entry.item.filename else None)
+            if key:
+                found.setdefault(key, entry.item.filename or entry.item.name)
+    return found
+
+
+def scan_config(sources: list[str], ontology_colors: dict[str, str], kind: str | None,
+                label_map: dict[str, str] | None = None,
+                limits: ReadLimits | None = None) -> tuple[str, Report]:
+    """The labeling config for what the sources hold: labels per geometry, of one media kind.
+    Raises KindError for mixed sources without `kind`, ValueError when nothing is found."""
+    inventories = {"video": lsconfig.Inventory(), "image": lsconfig.Inventory()}
+    report = Report()
+    label_map = label_map or {}
+    for entry in entries(sources, "scan", limits):
+        if entry.error is not None:
+            report.item_failed(entry.error)
+        if entry.item is None:
+            continue
+        try:
+            anns = []
+            for index, raw in enumerate(entry.item.annotations or []):
+                try:
+                    anns.append(decode_annotation(raw, entry.origin, index))
+                except InputError:
+                    continue
+            item_kind = media_of(entry.item, anns, MediaDefaults(), entry.origin).kind
+        except InputError as err:
+            report.item_failed(err)
+            continue
+        except Exception as err:  # noqa: BLE001 - as convert_item: this item alone fails
+            report.item_failed(InputError(entry.origin, None, describe(err)))
+            continue
+        inv = inventories[item_kind]
+        for ann in anns:
+            family = family_of(item_kind, ann.type)
+            if family is None:
+                continue
+            for label in {ann.label, *(s.label for s in ann.system.snapshots_)}:
+                label = label_map.get(label, label)
+                if lsconfig.xml_safe(label):
+                    inv.add(item_kind, family, label)
+                else:
+                    report.warn(entry.origin, f"label {label!r} has characters XML cannot hold: left out", ann.id)
+    found = [k for k, inv in inventories.items() if not inv.empty]
+    if kind is None and len(found) > 1:
+        raise KindError("the sources hold videos and images, and a Label Studio project holds one kind of task: "
+                        "pass --kind video or --kind image")
+    kind = kind or (found[0] if found else None)
+    if kind is None or inventories[kind].empty:
+        raise ValueError("no annotations found in the sources" + (f" on {kind}s" if kind else ""))
+    return lsconfig.generate(inventories[kind], ontology_colors), report

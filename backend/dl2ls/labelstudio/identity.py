@@ -1,0 +1,146 @@
+"""Which task is which item's: matching Dataloop items to Label Studio tasks by media path.
+
+A task that came from cloud storage knows its media only as a URL (`s3://bucket/cam2/clip.mp4`,
+`/data/local-files/?d=cam2/clip.mp4`, `https://host/prefix/cam2/clip.mp4`); the item knows its
+remote path (`/cam2/clip.mp4`). Neither knows the other's storage prefix, so the two are compared
+by their path components from the end: an item and a task match on the longest path suffix they
+share, and only when that suffix picks out exactly one candidate. Two equally good candidates
+mean no match at all, reported with both names: an item lands on its own task or on none.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from typing import Any, Generic, Hashable, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+Parts = tuple[str, ...]
+K = TypeVar("K", bound=Hashable)
+
+
+def media_parts(value: Any) -> Parts:
+    """The path components of a media URL or path, with the scheme, the bucket or host and the
+    query stripped; Label Studio's local-files (`?d=`) and resolve (`?fileuri=`) URLs are read
+    for the path they carry. () for anything that is not a usable path."""
+    if not isinstance(value, str) or not value.strip() or len(value) > 8192:
+        return ()
+    try:
+        url = urlsplit(value.strip())
+        query = parse_qs(url.query)
+    except ValueError:  # e.g. "http://[::1": not a URL we can read
+        return ()
+    if query.get("d"):
+        path = query["d"][0]
+    elif query.get("fileuri"):
+        try:
+            return media_parts(base64.urlsafe_b64decode(query["fileuri"][0] + "==").decode())
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return ()
+    else:
+        path = url.path
+    return tuple(unquote(p) for p in path.replace("\\", "/").split("/") if p not in ("", "."))
+
+
+def shown(parts: Parts) -> str:
+    return "/" + "/".join(parts)
+
+
+def common_suffix(a: Parts, b: Parts) -> int:
+    n = 0
+    for x, y in zip(reversed(a), reversed(b)):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass(slots=True)
+class Best(Generic[K]):
+    """The candidates sharing the longest path suffix with what was looked up."""
+
+    length: int = 0  # components shared; 0: nothing shares even the file name
+    keys: list = field(default_factory=list)
+
+    @property
+    def unique(self) -> K | None:
+        return self.keys[0] if self.length and len(self.keys) == 1 else None
+
+    @property
+    def ambiguous(self) -> bool:
+        return self.length > 0 and len(self.keys) > 1
+
+
+class PathIndex(Generic[K]):
+    """Keys by media path, looked up by longest shared suffix (candidates share the file name)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, list[tuple[Parts, K]]] = {}
+        self.paths: dict[K, Parts] = {}
+
+    def add(self, parts: Parts, key: K) -> None:
+        if parts and key not in self.paths:
+            self._by_name.setdefault(parts[-1], []).append((parts, key))
+            self.paths[key] = parts
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def best(self, parts: Parts) -> Best[K]:
+        found: Best[K] = Best()
+        for candidate, key in self._by_name.get(parts[-1], ()) if parts else ():
+            n = common_suffix(parts, candidate)
+            if n > found.length:
+                found = Best(n, [key])
+            elif n == found.length:
+                found.keys.append(key)
+        return found
+
+
+@dataclass(slots=True)
+class Ambiguity:
+    """One path that fits several candidates equally well: none of them is taken."""
+
+    path: Parts
+    candidates: list[tuple[Hashable, Parts]]
+
+    def line(self, what: str, others: str) -> str:
+        names = " and ".join(f"{key} ({shown(parts)})" for key, parts in self.candidates[:4])
+        more = f" and {len(self.candidates) - 4} more" if len(self.candidates) > 4 else ""
+        return (f"{what} {shown(self.path)} fits {others} {names}{more} equally well: matched to none; "
+                "give the tasks data.dataloop_item_id, or rename")
+
+
+@dataclass(slots=True)
+class Matching(Generic[K]):
+    pairs: dict = field(default_factory=dict)  # item key -> task key
+    ambiguous_items: dict = field(default_factory=dict)  # item key -> Ambiguity (tasks that fit it)
+    ambiguous_tasks: dict = field(default_factory=dict)  # task key -> Ambiguity (items that fit it)
+
+
+def match(items: dict[Hashable, Parts], tasks: PathIndex) -> Matching:
+    """Pair items with tasks: an item takes the task that shares its longest path suffix, when
+    that task is the only one that long AND the item is the only one that fits the task that well.
+    Items that fit several tasks equally, and tasks that several items fit equally, are left
+    unmatched and named. An item whose best task fits another item better is simply unmatched."""
+    item_index: PathIndex = PathIndex()
+    for key, parts in items.items():
+        item_index.add(parts, key)
+    out = Matching()
+    for key, parts in items.items():
+        best = tasks.best(parts)
+        if best.ambiguous:
+            out.ambiguous_items[key] = Ambiguity(parts, [(k, tasks.paths[k]) for k in best.keys])
+            continue
+        task = best.unique
+        if task is None:
+            continue
+        back = item_index.best(tasks.paths[task])
+        if back.unique == key:
+            out.pairs[key] = task
+        elif key in back.keys:  # this item and another fit the task equally well
+            out.ambiguous_tasks[task] = Ambiguity(tasks.paths[task], [(k, item_index.paths[k]) for k in back.keys])
+    return out
