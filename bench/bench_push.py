@@ -108,9 +108,15 @@ def main() -> int:
         t_raw, t_push = min(raw_times), min(push_times)
         print(f"raw POST runs: {', '.join(f'{t:.2f}' for t in raw_times)} s; "
               f"push runs: {', '.join(f'{t:.2f}' for t in push_times)} s")
-        # 1c. a second push: nothing changes
+        # 1c. a second push: nothing changes (it reads the project's tasks a page at a time, with
+        # the record of what dl2ls wrote on each, and writes nothing)
         pushed = next(p for p in ls.projects.list() if p.title == "pushed 0")
-        t_again, code = timed(lambda: dl2ls(["-q", "push", str(src), "--project", str(pushed.id)]))
+        again_times = []
+        for _ in range(args.repeat):
+            t, code = timed(lambda: dl2ls(["-q", "push", str(src), "--project", str(pushed.id)]))
+            assert code == 0
+            again_times.append(t)
+        t_again = min(again_times)
         # 1d. one prediction per request
         single = ls.projects.create(title="single", label_config=config.read_text())
         tasks = json.loads(payload)[: args.one_by_one]
@@ -123,7 +129,7 @@ def main() -> int:
         print("step                                        seconds   vs raw bulk POST")
         print(f"raw bulk POST of the prepared tasks         {t_raw:7.2f}   1.00")
         print(f"dl2ls push --new-project (converts too)     {t_push:7.2f}   {t_push / t_raw:.2f}  (target <= 1.15)")
-        print(f"dl2ls push again (nothing to change)        {t_again:7.2f}   {t_again / t_raw:.2f}")
+        print(f"dl2ls push again (nothing to change)        {t_again:7.2f}   {t_again / t_raw:.2f}  (target <= 0.5)")
         print(f"predictions.create one at a time            {n_pred / per_s:7.2f}   {n_pred / per_s / t_raw:.1f}"
               f"  ({per_s:.0f}/s measured on {len(preds)}, extrapolated to {n_pred})")
         print(f"bulk import rate: {n_pred / t_raw:.0f} predictions/s\n")

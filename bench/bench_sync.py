@@ -53,7 +53,7 @@ def main() -> int:
 
         project = LabelStudio(base_url=server.url, api_key=TOKEN).projects.create(title="sync", label_config=CONFIG)
         writes = []
-        for name in ("import_tasks", "import_predictions", "delete_prediction", "delete_task"):
+        for name in ("import_tasks", "import_predictions", "delete_prediction", "delete_task", "update_task"):
             original = getattr(push.Pusher, name)
 
             def counted(self, *a, _o=original, _n=name, **k):

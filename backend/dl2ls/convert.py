@@ -51,7 +51,9 @@ class Converted:
         return self.info.item_id if self.info is not None else None
 
 
-def convert_item(entry: Entry, options: ConvertOptions, defaults: MediaDefaults) -> Converted:
+def convert_item(entry: Entry, options: ConvertOptions, defaults: MediaDefaults,
+                 kind: str | None = None) -> Converted:
+    """`kind`: take only items of this media kind; another kind is left out with a line."""
     report = Report()
     out = Converted(entry.origin, report)
     if entry.note:
@@ -63,6 +65,9 @@ def convert_item(entry: Entry, options: ConvertOptions, defaults: MediaDefaults)
     try:
         tracks = item_tracks(entry.item, entry.origin, defaults)
         out.info = tracks.info
+        if kind is not None and tracks.info.media.kind != kind:
+            report.warn(entry.origin, f"{tracks.info.media.kind} item left out (--kind {kind})")
+            return out
         task, item_report = to_task(tracks, options)
         body = orjson.dumps(task)
     except InputError as err:
@@ -126,13 +131,10 @@ def convert_sources(sources: list[str], options: ConvertOptions, defaults: Media
     `kind`, a second kind of media stops the run (KindError) rather than mixing them."""
     first_kind = kind
     for entry in entries(sources, what, limits):
-        converted = convert_item(entry, options, defaults)
+        converted = convert_item(entry, options, defaults, kind)
         if converted.task is not None and converted.kind != first_kind:
             if first_kind is None:
                 first_kind = converted.kind
-            elif kind is not None:
-                report.warn(converted.origin, f"{converted.kind} item left out (--kind {kind})")
-                continue
             else:
                 raise KindError("the sources hold videos and images, and a Label Studio project holds one kind "
                                 "of task: pass --kind video or --kind image")

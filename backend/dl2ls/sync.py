@@ -319,7 +319,7 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
 
     # 3. plan every change with the one planner, and write batch by batch, recording as they land
     if changed or deleted:
-        planner = push.Planner(push.Pusher.existing_tasks(pusher, project_id), options.config.objects[0].data_key,
+        planner = push.Planner(pusher.existing_tasks(project_id), options.config.objects[0].data_key,
                                warn=lambda line: report.warn(f"project {project_id}", line))
         pending: dict[str, ItemRow] = {}
 
