@@ -197,7 +197,7 @@ def cmd_convert(args) -> int:
     if written:
         log.info("wrote %d tasks to %s", report.items_converted, escape(args.output))
     else:
-        log.warning("nothing converted: %s is left as it was", escape(args.output))
+        print(f"dl2ls convert: nothing converted: {escape(args.output)} is left as it was", file=sys.stderr)
     if report.items_converted == 0 and report.items_failed:
         return EXIT_USAGE
     return EXIT_FAILED if report.failed else EXIT_OK
@@ -314,32 +314,67 @@ def _dql(path: str | None) -> list[dict]:
 
 def cmd_fetch(args) -> int:
     from dl2ls.dataloop import api, write
-    from dl2ls.dataloop.read import split_array
+    from dl2ls.dataloop.model import decode_item
+    from dl2ls.report import escape
 
     filters = _dql(args.filter)
     client = api.DataloopClient()
     client.me()
     client.dataset(args.dataset)
     root = Path(args.output)
-    count = annotations = 0
+    count = annotations = skipped = 0
+
+    def skip(where: str, reason: str) -> None:  # one line, and the next item
+        nonlocal skipped
+        skipped += 1
+        print(escape(f"dl2ls fetch: skipped {where}: {reason}"), file=sys.stderr)
+
+    def save(item: dict, key: str, body: bytes, where: str) -> None:
+        nonlocal count, annotations
+        path = write.item_path(root, item.get("dir"), item.get("filename"), item.get("name"), key)
+        try:
+            write.write_atomic(path, body)
+        except OSError as err:
+            return skip(where, f"cannot write {path}: {err.strerror or err}")
+        count += 1
+        anns = item.get("annotations")
+        annotations += len(anns) if isinstance(anns, list) else 0
+
     if args.method == "export":
-        data = client.export(args.dataset, filters)
-        for a, b in split_array(data):
-            item = orjson.loads(data[a:b])
-            path = write.item_path(root, item.get("dir"), item.get("filename"), item.get("name"), item["id"])
-            write.write_atomic(path, data[a:b])
-            count += 1
-            annotations += len(item.get("annotations") or [])
+        # one element at a time from a temporary file: memory follows the largest item
+        for element in client.export_items(args.dataset, filters):
+            where = f"export element {element.index}"
+            if element.error is not None:
+                skip(where, element.error)
+                continue
+            try:
+                # the reader's own rules (UTF-8, depth, an item object), so what is written converts
+                item = decode_item(element.data, where)
+            except InputError as err:
+                skip(where, err.reason)
+                continue
+            key = item.id or item.id_
+            if not key:
+                skip(where, "an item with neither id nor _id")
+                continue
+            fields = {"dir": item.dir, "filename": item.filename, "name": item.name,
+                      "annotations": item.annotations}
+            save(fields, key, element.data, f"{where} (item {key})")
     else:
-        for item in client.query(args.dataset, filters):
-            item["annotations"] = client.item_annotations(item["id"])
-            path = write.item_path(root, item.get("dir"), item.get("filename"), item.get("name"), item["id"])
-            write.write_atomic(path, orjson.dumps(item))
-            count += 1
-            annotations += len(item["annotations"])
+        for item in client.query(args.dataset, filters):  # entries without any id are skipped there
+            key = api.item_key(item)
+            item["annotations"] = client.item_annotations(key)
+            try:
+                body = orjson.dumps(item)
+            except orjson.JSONEncodeError as err:  # e.g. a lone surrogate that Python's json let through
+                skip(f"item {key}", f"cannot be written as JSON ({err})")
+                continue
+            save(item, key, body, f"item {key}")
+    skipped += client.counters.skipped
     print(f"fetched {count} items ({annotations} annotations) of dataset {args.dataset} into {root / 'json'} "
-          f"with {client.counters.requests} requests ({client.counters.retries} retried)", file=sys.stderr)
-    return EXIT_OK
+          f"with {client.counters.requests} requests ({client.counters.retries} retried)"
+          + (f"; {skipped} skipped" if skipped else ""), file=sys.stderr)
+    return EXIT_FAILED if skipped else EXIT_OK
 
 
 # ----------------------------------------------------------------------------- sync
