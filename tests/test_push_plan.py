@@ -170,3 +170,52 @@ def test_the_projects_model_version_follows_dl2ls_only_where_it_is_dl2ls(current
     plan(planner, task("A"), stats)
     assert planner.model_version(current, stats) == expected
     assert bool(warnings) is warns
+
+
+def test_a_dropped_connection_during_deletes_is_retried_then_one_line(monkeypatch):
+    import httpx
+
+    from dl2ls.labelstudio import push as push_module
+
+    monkeypatch.setattr(push_module.time, "sleep", lambda s: None)
+    pusher = push_module.Pusher("http://127.0.0.1:9", "token")
+    calls = []
+
+    def flaky(prediction_id, request_options=None):
+        calls.append(prediction_id)
+        if len(calls) < 3:  # Label Studio restarting: the connection drops twice
+            raise httpx.ReadError("connection reset")
+
+    monkeypatch.setattr(pusher.client.predictions, "delete", flaky)
+    pusher.delete_prediction(7)
+    assert calls == [7, 7, 7]
+
+    monkeypatch.setattr(pusher.client.predictions, "delete",
+                        lambda *a, **k: (_ for _ in ()).throw(httpx.ReadError("down")))
+    try:
+        pusher.delete_prediction(8)
+    except push_module.PushError as err:
+        assert "cannot reach Label Studio" in str(err) and "\n" not in str(err)
+    else:
+        raise AssertionError("a server that stays down is an error")
+
+
+def test_the_task_pager_failing_midway_is_one_line(monkeypatch):
+    import httpx
+
+    from dl2ls.labelstudio import push as push_module
+
+    pusher = push_module.Pusher("http://127.0.0.1:9", "token")
+
+    def pages(**kwargs):
+        yield type("T", (), {"id": 1, "data": {}, "total_annotations": 0, "total_predictions": 0,
+                             "predictions_model_versions": "", "meta": {}})()
+        raise httpx.ConnectError("refused")  # the second page never comes
+
+    monkeypatch.setattr(pusher.client.tasks, "list", pages)
+    try:
+        list(pusher.existing_tasks(1))
+    except push_module.PushError as err:
+        assert "tasks of project 1: cannot reach Label Studio" in str(err)
+    else:
+        raise AssertionError("expected a PushError")

@@ -22,13 +22,11 @@ from typing import Callable, Iterator
 import orjson
 
 from dl2ls import __version__
-from dl2ls.convert import KindError, convert_sources, entries, identities, scan_config
+from dl2ls.convert import KindError, convert_sources, identities, scan_config, verify_sources
 from dl2ls.dataloop.model import LIMITS, MediaDefaults
 from dl2ls.labelstudio import config as lsconfig
-from dl2ls.labelstudio.evaluate import Mismatch, Verdict, compare_item
 from dl2ls.labelstudio.tasks import MEDIA_FIELDS, VERSION_FIELDS, ConvertOptions, check_template
 from dl2ls.report import InputError, Report, escape
-from dl2ls.tracks import item_tracks
 
 log = logging.getLogger("dl2ls")
 
@@ -458,68 +456,24 @@ def cmd_verify(args) -> int:
     tasks = _read_json_file(args.tasks, "tasks")
     if not isinstance(tasks, list):
         raise UsageError(f"{args.tasks}: expected a JSON array of Label Studio tasks")
-    by_id, by_file = {}, {}
-    for task in tasks:
-        data = task.get("data") if isinstance(task, dict) else None
-        if not isinstance(data, dict):
-            continue
-        if isinstance(data.get("dataloop_item_id"), str):
-            by_id[data["dataloop_item_id"]] = task
-        if isinstance(data.get("dataloop_filename"), str):
-            by_file[data["dataloop_filename"]] = task
-    skipped = _reported_skips(args.report) if args.report else set()
-    label_map = _label_map(args.label_map)
-    defaults = _defaults(args)
-    verdict, failed, missing, accepted = Verdict(), 0, 0, 0
-    say = lambda line: print(escape(line), file=sys.stderr)  # noqa: E731
-    for entry in entries([args.source], "verify", _limits(args)):
-        if entry.note:
-            continue
-        if entry.error is not None:
-            say(f"error: {entry.error}")
-            failed += 1
-            continue
-        try:
-            item = item_tracks(entry.item, entry.origin, defaults)
-        except InputError as err:
-            say(f"error: {err}")
-            failed += 1
-            continue
-        info = item.info
-        task = by_id.get(info.item_id) if info.item_id else None
-        task = task or by_file.get(info.filename)
-        if task is None:
-            say(f"{info.origin}: no task for this item in {args.tasks}")
-            missing += 1
-            continue
-        # every annotation is accounted for: one that failed to convert is a difference, one the
-        # report says was skipped (with its reason) is not compared
-        for type_, ref, reason in item.failures:
-            if (info.origin, ref) in skipped:
-                accepted += 1
-                continue
-            say(f"{info.origin}: annotation {ref} ({type_}): not converted: {reason}")
-            verdict.annotations += 1
-            verdict.mismatches.append(Mismatch(ref, None, f"not converted: {reason}"))
-        kept = [t for t in item.tracks if (info.origin, t.annotation_id) not in skipped]
-        accepted += len(item.tracks) - len(kept)
-        item.tracks = kept
-        v = compare_item(item, task, label_map, args.tolerance)
-        for m in v.mismatches[:20]:
-            frame = f" frame {m.frame}" if m.frame is not None else ""
-            say(f"{info.origin}: annotation {m.annotation}{frame}: {m.what}")
-        verdict.merge(v)
+    reported = _reported_skips(args.report) if args.report else set()
+    found = verify_sources(args.source, tasks, _label_map(args.label_map), args.tolerance, _defaults(args), reported,
+                           _limits(args))
+    for line in found.lines:
+        print(escape(line), file=sys.stderr)
+    verdict = found.verdict
     print(f"checked {verdict.annotations} annotations over {verdict.frames} frames: "
           f"largest error {verdict.max_error_px:.6f} px, {len(verdict.mismatches)} differences"
-          + (f", {missing} items without a task" if missing else "")
-          + (f", {failed} unreadable items" if failed else ""))
+          + (f", {found.without_task} items without a task in {escape(args.tasks)}" if found.without_task else "")
+          + (f", {found.unreadable} unreadable items" if found.unreadable else ""))
     for kind, n in sorted(verdict.unchecked.items()):
         print(f"not compared: {n} × {kind}")
-    if accepted:
-        print(f"not compared: {accepted} skipped or failed as {args.report} says")
-    if verdict.annotations == 0 and (failed or missing):
+    if found.accepted:
+        print(f"not compared: {found.accepted} skipped or failed as {escape(args.report)} says")
+    if verdict.annotations == 0 and (found.unreadable or found.without_task):
         return EXIT_USAGE
-    return EXIT_OK if verdict.ok(args.tolerance) and not failed and not missing else EXIT_FAILED
+    problems = found.unreadable or found.without_task
+    return EXIT_OK if verdict.ok(args.tolerance) and not problems else EXIT_FAILED
 
 
 def _reported_skips(path: str) -> set[tuple[str, str]]:

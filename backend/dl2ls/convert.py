@@ -19,6 +19,8 @@ import orjson
 from dl2ls.dataloop.model import MediaDefaults, decode_annotation, item_id, media_of
 from dl2ls.dataloop.read import Entry, count_items, iter_items
 from dl2ls.labelstudio import config as lsconfig
+from dl2ls.labelstudio.evaluate import Mismatch, Verdict, compare_item
+from dl2ls.labelstudio.identity import TasksByItem
 from dl2ls.labelstudio.mappers import family_of
 from dl2ls.labelstudio.tasks import ConvertOptions, to_task
 from dl2ls.report import InputError, Report
@@ -201,3 +203,66 @@ def scan_config(sources: list[str], ontology_colors: dict[str, str], kind: str |
     if kind is None or inventories[kind].empty:
         raise ValueError("no annotations found in the sources" + (f" on {kind}s" if kind else ""))
     return lsconfig.generate(inventories[kind], ontology_colors), report
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+@dataclass
+class Verification:
+    """What `verify` found: the editor-vs-Dataloop verdict, and what could not be compared."""
+
+    verdict: Verdict
+    lines: list[str]  # one per difference or problem, for the user
+    unreadable: int = 0
+    without_task: int = 0
+    accepted: int = 0  # skipped or failed annotations the conversion's report accounts for
+
+
+def verify_sources(source: str, tasks: list, label_map: dict[str, str], tolerance: float, defaults: MediaDefaults,
+                   reported: set[tuple[str, str]] | None = None, limits: ReadLimits | None = None) -> Verification:
+    """Every Dataloop annotation of the source is accounted for: compared frame by frame with what
+    the editor draws from its task, or named in the conversion's report as skipped or failed (with
+    a reason); one that failed to convert, or has no region, is a difference."""
+    reported = reported or set()
+    index = TasksByItem(tasks)
+    out = Verification(Verdict(), [])
+    for entry in entries([source], "verify", limits):
+        if entry.note:
+            continue
+        if entry.error is not None:
+            out.lines.append(f"error: {entry.error}")
+            out.unreadable += 1
+            continue
+        try:
+            item = item_tracks(entry.item, entry.origin, defaults)
+        except InputError as err:
+            out.lines.append(f"error: {err}")
+            out.unreadable += 1
+            continue
+        except Exception as err:  # noqa: BLE001 - as convert_item: this item alone fails
+            out.lines.append(f"error: {InputError(entry.origin, None, describe(err))}")
+            out.unreadable += 1
+            continue
+        info = item.info
+        task = index.find(info.item_id, info.filename)
+        if task is None:
+            out.lines.append(f"{info.origin}: no task for this item")
+            out.without_task += 1
+            continue
+        for type_, ref, reason in item.failures:
+            if (info.origin, ref) in reported:
+                out.accepted += 1
+                continue
+            out.lines.append(f"{info.origin}: annotation {ref} ({type_}): not converted: {reason}")
+            out.verdict.annotations += 1
+            out.verdict.mismatches.append(Mismatch(ref, None, f"not converted: {reason}"))
+        kept = [t for t in item.tracks if (info.origin, t.annotation_id) not in reported]
+        out.accepted += len(item.tracks) - len(kept)
+        item.tracks = kept
+        v = compare_item(item, task, label_map, tolerance)
+        for m in v.mismatches[:20]:
+            frame = f" frame {m.frame}" if m.frame is not None else ""
+            out.lines.append(f"{info.origin}: annotation {m.annotation}{frame}: {m.what}")
+        out.verdict.merge(v)
+    return out

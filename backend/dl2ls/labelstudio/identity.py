@@ -144,3 +144,25 @@ def match(items: dict[Hashable, Parts], tasks: PathIndex) -> Matching:
         elif key in back.keys:  # this item and another fit the task equally well
             out.ambiguous_tasks[task] = Ambiguity(tasks.paths[task], [(k, item_index.paths[k]) for k in back.keys])
     return out
+
+
+class TasksByItem:
+    """The tasks of a tasks.json, found by the item they came from: its Dataloop id, else (items
+    of older exports) its remote path."""
+
+    def __init__(self, tasks: list) -> None:
+        self.by_id: dict[str, dict] = {}
+        self.by_file: dict[str, dict] = {}
+        for task in tasks:
+            data = task.get("data") if isinstance(task, dict) else None
+            if not isinstance(data, dict):
+                continue
+            if isinstance(data.get("dataloop_item_id"), str):
+                self.by_id.setdefault(data["dataloop_item_id"], task)
+            if isinstance(data.get("dataloop_filename"), str):
+                self.by_file.setdefault(data["dataloop_filename"], task)
+
+    def find(self, item_id: str | None, filename: str | None) -> dict | None:
+        if item_id:
+            return self.by_id.get(item_id)
+        return self.by_file.get(filename) if filename else None
