@@ -239,7 +239,14 @@ def cmd_push(args) -> int:
     pusher = push.Pusher(os.environ.get("LABEL_STUDIO_URL", ""), os.environ.get("LABEL_STUDIO_API_KEY", ""))
     project_id, existing, current_version = None, [], None
     if args.new_project:
-        titled = pusher.projects_titled(args.new_project)
+        try:
+            titled = pusher.projects_titled(args.new_project)
+        except push.PushError as err:
+            if not args.dry_run:
+                raise
+            # a dry run needs no server: without one it plans the project as new
+            log.warning("%s: planning as a new project", err)
+            titled = []
         if len(titled) > 1:
             raise UsageError(f"{len(titled)} projects are titled {args.new_project!r} "
                              f"(ids {', '.join(str(p.id) for p in titled)}): pass --project ID")
