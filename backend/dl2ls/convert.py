@@ -71,7 +71,10 @@ def convert_item(entry: Entry, options: ConvertOptions, defaults: MediaDefaults,
             report.warn(entry.origin, f"{tracks.info.media.kind} item left out (--kind {kind})")
             return out
         task, item_report = to_task(tracks, options)
-        body = orjson.dumps(task)
+        try:
+            body = orjson.dumps(task)
+        except orjson.JSONEncodeError as err:  # (a TypeError) a string orjson refuses, e.g. a lone surrogate
+            raise InputError(entry.origin, None, f"cannot be written as JSON ({err})") from None
     except InputError as err:
         report.item_failed(err)
         return out
@@ -90,10 +93,8 @@ def describe(err: BaseException) -> str:
         return "nested too deeply to read"
     if isinstance(err, MemoryError):
         return "too large to convert in the memory available"
-    if isinstance(err, orjson.JSONEncodeError):
-        return f"cannot be written as JSON ({err})"
     text = str(err).splitlines()[0][:200] if str(err) else ""
-    return f"could not be converted: {type(err).__name__}" + (f": {text}" if text else "")
+    return f"unexpected {type(err).__name__}" + (f": {text}" if text else "")
 
 
 # ----------------------------------------------------------------------------- many sources

@@ -4,12 +4,20 @@ Speaks the protocol a Label Studio 1.23 server uses (`ml/api_connector.py`): `GE
 `POST /setup`, `POST /predict`, `POST /webhook`, with the maintained framework's conventions
 (port 9090; BASIC_AUTH_USER / BASIC_AUTH_PASS; LOG_LEVEL, WORKERS, THREADS; gunicorn). It is
 served by Flask 3 rather than the PyPI `label-studio-ml` 1.0.9, which pins Flask 1.1.2 /
-Werkzeug 2.0.2, imports undeclared redis/rq and fails /predict before /setup.
+Werkzeug 2.0.2, imports undeclared redis/rq and fails /predict before /setup. gunicorn runs it
+with `dl2ls.web.Worker`, which gives no thread to a client until its request headers are complete.
 
-Every worker indexes the source itself (item id and media file name -> where the item lies),
+Every worker indexes the source itself (item id and media path -> where the item lies),
 re-indexes when the source changes on disk, and keeps recent conversions in a small cache keyed by
 (item, file state, labeling config). Nothing is carried from /setup to /predict, so any number of
 gunicorn workers answer alike.
+
+A task finds its item by `data.dataloop_item_id`, else by the longest path suffix its media shares
+with an item's `filename` (`labelstudio.identity`). Each task of a /predict gets its own answer and
+no task fails the others:
+- no item: an empty result (Label Studio stores it and does not ask again);
+- an item that cannot be converted, two items that fit equally well, a task that is not an object:
+  `[]` for that task, with one log line why (Label Studio stores nothing and asks again later).
 """
 
 from __future__ import annotations
@@ -22,18 +30,20 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 from flask import Flask, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
+from dl2ls.convert import convert_item, describe
 from dl2ls.dataloop.model import MediaDefaults
-from dl2ls.dataloop.read import iter_items, load_item
+from dl2ls.dataloop.read import Entry, Locator, iter_items, load_item
 from dl2ls.labelstudio import config as lsconfig
-from dl2ls.labelstudio.push import media_name
-from dl2ls.labelstudio.tasks import ConvertOptions, score_of, to_task
-from dl2ls.report import InputError
-from dl2ls.tracks import item_tracks
+from dl2ls.labelstudio.identity import Best, Parts, PathIndex, media_parts, shown
+from dl2ls.labelstudio.tasks import ConvertOptions, score_of
+from dl2ls.report import InputError, escape
 
 log = logging.getLogger("dl2ls.server")
 
@@ -42,28 +52,84 @@ RESCAN_SECONDS = 2.0  # how often a request may look at the source for changes
 CACHE_ITEMS = 256
 DEFAULT_VERSION = "dataloop"
 
+Answer = dict | list  # a prediction, or [] (nothing stored: Label Studio asks again later)
+
+
+# ----------------------------------------------------------------------------- the source index
+
+
+@dataclass(slots=True, frozen=True)
+class Located:
+    """Where one item of the source lies, and what it is known by."""
+
+    origin: str
+    locator: Locator
+    item_id: str | None
+    path: Parts  # of its media (`filename`)
+
+    def named(self) -> str:
+        return escape(f"{self.item_id or '(no id)'} ({shown(self.path) if self.path else self.origin})")
+
+
+@dataclass(slots=True)
+class Indexed:
+    """One indexing of the sources, swapped in whole: a request never sees half of one."""
+
+    signature: tuple = ()
+    by_id: dict[str, list[Located]] = field(default_factory=dict)
+    by_path: PathIndex = field(default_factory=PathIndex)  # locator -> media path
+    at: dict[Locator, Located] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # one escaped line per unreadable entry
+
+
+@dataclass(slots=True)
+class Lookup:
+    """Which item a task is, or why none."""
+
+    found: Located | None = None
+    retry: str | None = None  # the task gets [] and a log line with this reason
+    note: str | None = None  # no item, said in a log line (an empty result all the same)
+
+
+def source_files(source: str) -> list[Path]:
+    """The files a source reads (a folder's .json files, as `iter_items` lists them): what the
+    signature watches, and what is read one by one should reading the whole source fail."""
+    path = Path(source)
+    if not path.is_dir():
+        return [path]
+    try:
+        return sorted(p for p in path.rglob("*.json") if p.is_file())
+    except OSError:
+        return [path]  # `iter_items` says why
+
 
 class SourceIndex:
-    """Where each Dataloop item of the source lies, by item id and by media file name."""
+    """Where each Dataloop item of the source lies, by item id and by media path."""
 
     def __init__(self, sources: list[str], defaults: MediaDefaults):
         self.sources = sources
         self.defaults = defaults
         self.lock = threading.Lock()
-        self.signature: tuple = ()
         self.checked = 0.0
-        self.by_id: dict[str, tuple[str, tuple]] = {}
-        self.by_name: dict[str, tuple[str, tuple]] = {}
-        self.problems: list[str] = []
-        self.count = 0
+        self.current = Indexed()
         self.refresh(force=True)
+
+    @property
+    def signature(self) -> tuple:
+        return self.current.signature
+
+    @property
+    def count(self) -> int:
+        return len(self.current.at)
+
+    @property
+    def unreadable(self) -> int:
+        return len(self.current.problems)
 
     def _signature(self) -> tuple:
         sig = []
         for source in self.sources:
-            path = Path(source)
-            files = [path] if not path.is_dir() else sorted(path.rglob("*.json"))
-            for f in files:
+            for f in source_files(source):
                 try:
                     st = f.stat()
                     sig.append((str(f), st.st_mtime_ns, st.st_size))
@@ -72,44 +138,100 @@ class SourceIndex:
         return tuple(sig)
 
     def refresh(self, force: bool = False) -> None:
+        """Index again if the source changed. Never raises: a request always finds an index."""
         now = time.monotonic()
         if not force and now - self.checked < RESCAN_SECONDS:
             return
         with self.lock:
             self.checked = now
-            signature = self._signature()
-            if signature == self.signature and not force:
+            try:
+                signature = self._signature()
+                if signature == self.current.signature and not force:
+                    return
+                fresh = self._index(signature)
+            except Exception as err:  # noqa: BLE001 - a broken disk must not take /predict down
+                log.error("indexing %s failed, still serving the previous index: %s",
+                          escape(", ".join(self.sources)), escape(describe(err)))
                 return
-            by_id, by_name, problems, count = {}, {}, [], 0
-            for source in self.sources:
-                for entry in iter_items(source):
-                    if entry.error is not None:
-                        problems.append(str(entry.error))
-                        continue
-                    if entry.item is None:
-                        continue
-                    item = entry.item
-                    count += 1
-                    where = (entry.origin, entry.locator)
-                    item_id = item.id or item.id_
-                    if item_id:
-                        by_id[item_id] = where
-                    for name in (item.name, media_name(item.filename)):
-                        if name:
-                            by_name.setdefault(name, where)
-            self.by_id, self.by_name, self.problems, self.count = by_id, by_name, problems, count
-            self.signature = signature
-            log.info("indexed %d items (%d unreadable) from %s", count, len(problems), ", ".join(self.sources))
+            seen = set(self.current.problems)
+            for line in fresh.problems:
+                if line not in seen:  # once per bad entry, not at every re-index
+                    log.warning("unreadable: %s", line)
+            self.current = fresh
+            log.info("indexed %d items (%d unreadable) from %s", len(fresh.at), len(fresh.problems),
+                     escape(", ".join(self.sources)))
 
-    def find(self, data: dict, data_key: str) -> tuple[str, tuple] | None:
-        item_id = data.get("dataloop_item_id")
-        if item_id and item_id in self.by_id:
-            return self.by_id[item_id]
-        for value in (data.get("dataloop_filename"), data.get(data_key)):
-            name = media_name(value)
-            if name and name in self.by_name:
-                return self.by_name[name]
-        return None
+    def _index(self, signature: tuple) -> Indexed:
+        out = Indexed(signature)
+        for source in self.sources:
+            try:
+                found = [self._locate(entry) for entry in iter_items(source)]
+            except Exception:  # noqa: BLE001 - a reader failed beyond its own reports: each file alone
+                found = []
+                for path in source_files(source):
+                    try:
+                        found += [self._locate(entry) for entry in iter_items(path)]
+                    except Exception as err:  # noqa: BLE001 - this file is lost, not the index
+                        found.append(escape(f"{path}: cannot be read: {describe(err)}"))
+            for one in found:
+                if isinstance(one, str):
+                    out.problems.append(one)
+                elif one is not None:
+                    self._add(out, one)
+        return out
+
+    @staticmethod
+    def _locate(entry: Entry) -> Located | str | None:
+        """An entry as the index keeps it: where it lies, a problem line, or None (nothing to serve)."""
+        if entry.error is not None:
+            return escape(str(entry.error))
+        if entry.item is None or entry.note or entry.locator is None:
+            return None
+        item = entry.item
+        item_id = item.id or item.id_
+        item_id = item_id if isinstance(item_id, str) and item_id else None
+        # the media's path: its Dataloop filename, else the path its export file stands for
+        parts = media_parts(item.filename) or media_parts(getattr(entry.locator, "remote", None)) or \
+            media_parts(item.name)
+        return Located(entry.origin, entry.locator, item_id, parts)
+
+    @staticmethod
+    def _add(out: Indexed, where: Located) -> None:
+        out.at[where.locator] = where
+        if where.item_id:
+            out.by_id.setdefault(where.item_id, []).append(where)
+        out.by_path.add(where.path, where.locator)
+
+    def find(self, data: dict, data_keys: list[str]) -> Lookup:
+        index = self.current
+        wanted = data.get("dataloop_item_id")
+        wanted = wanted if isinstance(wanted, str) and wanted else None
+        if wanted in index.by_id:
+            holders = index.by_id[wanted]
+            if len(holders) > 1:
+                names = " and ".join(h.named() for h in holders[:4])
+                return Lookup(retry=f"item id {escape(wanted)} is held by {names}")
+            return Lookup(holders[0])
+        # the media path: the longest suffix any of the task's paths shares with an item's wins
+        best: Best = Best()
+        for value in [data.get(k) for k in data_keys] + [data.get("dataloop_filename")]:
+            candidate = index.by_path.best(media_parts(value))
+            if candidate.length > best.length:
+                best = candidate
+        if best.ambiguous:
+            names = " and ".join(index.at[k].named() for k in best.keys[:4])
+            return Lookup(retry=f"its media fits items {names} equally well")
+        if best.unique is None:
+            return Lookup()
+        found = index.at[best.unique]
+        if wanted and found.item_id and found.item_id != wanted:
+            # same path, other id: another item (say, another dataset's copy), not this task's
+            return Lookup(note=f"item id {escape(wanted)} is not in the source, and the item at its path, "
+                               f"{found.named()}, is another")
+        return Lookup(found)
+
+
+# ----------------------------------------------------------------------------- predictions
 
 
 class Predictor:
@@ -119,39 +241,60 @@ class Predictor:
         self.cache: OrderedDict[tuple, dict] = OrderedDict()
         self.lock = threading.Lock()
 
-    def predict(self, task: dict, config: lsconfig.LabelConfig, config_key: str) -> dict:
-        """One prediction for one task: every Dataloop annotation of its item, merged into one
-        result list (Label Studio takes one prediction per task from a backend)."""
-        data = task.get("data") if isinstance(task, dict) else None
-        if not isinstance(data, dict):
-            raise BadRequest("each task needs a `data` object")
-        obj = config.objects[0]
-        where = self.index.find(data, obj.data_key)
-        if where is None:
-            return {"result": [], "model_version": self.model_version}
-        origin, locator = where
-        signature = self.index.signature
-        key = (locator, signature, config_key)  # a changed source changes the signature
+    def empty(self) -> dict:
+        return {"result": [], "model_version": self.model_version}
+
+    def answer(self, position: int, task, config: lsconfig.LabelConfig, config_key: str) -> Answer:
+        """This task's answer, whatever the task holds: nothing in it fails the batch."""
+        name = task_name(position, task)
+        try:
+            data = task.get("data") if isinstance(task, dict) else None
+            if not isinstance(data, dict):
+                log.warning("%s: %s", name, "not an object" if not isinstance(task, dict) else
+                            "its `data` is not an object")
+                return []
+            lookup = self.index.find(data, [o.data_key for o in config.objects])
+            if lookup.retry:
+                log.warning("%s: no prediction: %s", name, lookup.retry)
+                return []
+            if lookup.found is None:
+                if lookup.note:
+                    log.info("%s: no item: %s", name, lookup.note)
+                return self.empty()
+            return self.predict(name, lookup.found, config, config_key)
+        except Exception as err:  # noqa: BLE001 - the boundary of one task
+            log.warning("%s: no prediction: %s", name, escape(describe(err)))
+            log.debug("answering %s", name, exc_info=True)
+            return []
+
+    def predict(self, name: str, where: Located, config: lsconfig.LabelConfig, config_key: str) -> Answer:
+        """One prediction: every Dataloop annotation of the item, merged into one result list
+        (Label Studio takes one prediction per task from a backend)."""
+        key = (where.locator, self.index.signature, config_key)  # a changed source changes the signature
         with self.lock:
             hit = self.cache.get(key)
             if hit is not None:
                 self.cache.move_to_end(key)
                 return hit
         try:
-            loaded = load_item(locator, origin)
-            wanted = data.get("dataloop_item_id")
-            if wanted and (loaded.id or loaded.id_) != wanted:
-                # the source changed under the index (an array rewritten): index again, once
-                self.index.refresh(force=True)
-                if self.index.signature == signature:
-                    raise InputError(origin, None, f"holds item {loaded.id or loaded.id_}, not {wanted}")
-                return self.predict(task, config, config_key)
-            item = item_tracks(loaded, origin, self.index.defaults)
-            converted, _ = to_task(item, ConvertOptions(config=config))
+            item = load_item(where.locator, where.origin)
         except InputError as err:
-            # not an empty answer: Label Studio would keep it and never ask again
-            raise Unavailable(f"item {data.get('dataloop_item_id') or origin}: {err.reason}") from None
-        results = [r for p in converted["predictions"] for r in p["result"]]
+            log.warning("%s: no prediction: %s", name, err)
+            return []
+        loaded_id = item.id or item.id_
+        if (loaded_id or None) != where.item_id:
+            # the file changed between indexing and now: the next re-index sees it
+            log.warning("%s: no prediction: %s changed since it was indexed (holds item %s, not %s)", name,
+                        escape(where.origin), escape(loaded_id), escape(where.item_id))
+            return []
+        converted = convert_item(Entry(where.origin, item=item, locator=where.locator),
+                                 ConvertOptions(config=config), self.index.defaults)
+        if converted.task is None:
+            problems = converted.report.problems
+            reason = problems[-1].line() if problems else f"{where.origin}: not converted"
+            log.warning("%s: no prediction: %s", name, escape(reason))
+            return []
+        results = [r for p in converted.task["predictions"] for r in p["result"]]
         scores = [r["score"] for r in results if "score" in r and r.get("type") != "choices"]
         prediction = {"result": results, "model_version": self.model_version}
         score = score_of(scores)
@@ -164,12 +307,22 @@ class Predictor:
         return prediction
 
 
+def task_name(position: int, task) -> str:
+    task_id = task.get("id") if isinstance(task, dict) else None
+    if isinstance(task_id, (int, str)) and not isinstance(task_id, bool):
+        return escape(f"task {task_id}"[:120])
+    return f"task #{position + 1} of the request"
+
+
+# ----------------------------------------------------------------------------- the app
+
+
 class BadRequest(Exception):
     pass
 
 
-class Unavailable(Exception):
-    """The item is indexed but cannot be converted now (a 503, so that Label Studio asks again)."""
+class BodyTimeout(Exception):
+    """The request body did not arrive within the worker's time (dl2ls.web)."""
 
 
 def _config_from(body: dict) -> tuple[lsconfig.LabelConfig, str]:
@@ -180,7 +333,22 @@ def _config_from(body: dict) -> tuple[lsconfig.LabelConfig, str]:
         config = lsconfig.parse(xml)
     except lsconfig.ConfigError as err:
         raise BadRequest(str(err)) from None
-    return config, hashlib.sha1(xml.encode()).hexdigest()
+    except Exception as err:  # noqa: BLE001 - whatever the text holds, it is the caller's mistake
+        raise BadRequest(f"the labeling config cannot be read: {describe(err)}") from None
+    return config, hashlib.sha1(xml.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _json_body():
+    """The request's JSON, or BadRequest. orjson, not json: it refuses nesting past 1024 levels
+    with a ValueError, where json's recursion would end in a 500."""
+    try:
+        raw = request.get_data(cache=False)
+    except (ClientDisconnected, OSError):  # the worker's body deadline (a TimeoutError), or a client gone
+        raise BodyTimeout() from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise BadRequest(f"the body must be a JSON object; it is not JSON ({err})") from None
 
 
 def _authorized(user: str, password: str) -> bool:
@@ -202,11 +370,11 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
     defaults = MediaDefaults(*(float(os.environ[k]) if os.environ.get(k) else None
                                for k in ("DL2LS_FPS", "DL2LS_WIDTH", "DL2LS_HEIGHT")))
     version = model_version or os.environ.get("DL2LS_MODEL_VERSION") or DEFAULT_VERSION
-    index = SourceIndex(sources, defaults)
-    predictor = Predictor(index, version)
     user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
     if bool(user) != bool(password):
         raise SystemExit("dl2ls serve: set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+    index = SourceIndex(sources, defaults)
+    predictor = Predictor(index, version)
 
     app = Flask("dl2ls")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
@@ -221,7 +389,7 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
         return None
 
     def body() -> dict:
-        data = request.get_json(silent=True)
+        data = _json_body()
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")
         return data
@@ -230,7 +398,7 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
     @app.get("/health")
     def health():  # no file I/O: Label Studio gives /health one second
         return jsonify(status="UP", model_class="dl2ls", model_version=version,
-                       items=index.count)
+                       items=index.count, unreadable=index.unreadable)
 
     @app.post("/setup")
     def setup():
@@ -247,24 +415,27 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
             raise BadRequest("`tasks` must be a list")
         config, config_key = _config_from(data)
         index.refresh()
-        results = [predictor.predict(task, config, config_key) for task in tasks]
+        results = [predictor.answer(i, task, config, config_key) for i, task in enumerate(tasks)]
         return jsonify(results=results, model_version=version)
 
     @app.post("/webhook")
     def webhook():
-        data = request.get_json(silent=True) or {}
+        try:
+            data = _json_body()
+        except BadRequest:
+            data = None
         action = data.get("action") if isinstance(data, dict) else None
-        log.info("webhook %s", action)
+        action = action if isinstance(action, str) else None
+        log.info("webhook %s", escape(action)[:200])
         return jsonify(status="ok", action=action)
 
     @app.errorhandler(BadRequest)
     def bad_request(err):
         return jsonify(error=str(err)), 400
 
-    @app.errorhandler(Unavailable)
-    def unavailable(err):
-        log.warning("%s", err)
-        return jsonify(error=str(err)), 503
+    @app.errorhandler(BodyTimeout)
+    def body_timeout(err):
+        return jsonify(error="the request body did not arrive complete in time"), 408
 
     @app.errorhandler(HTTPException)
     def http_error(err):
@@ -272,14 +443,14 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
 
     @app.errorhandler(Exception)
     def unexpected(err):
-        log.exception("unexpected error on %s", request.path)
+        log.exception("unexpected error on %s", escape(request.path))
         return jsonify(error=f"internal error: {type(err).__name__}"), 500
 
     return app
 
 
 def serve(source: str, host: str, port: int, workers: int, threads: int) -> None:
-    """Run under gunicorn, as Label Studio's ML backends do."""
+    """Run under gunicorn, as Label Studio's ML backends do, with the worker of dl2ls.web."""
     from gunicorn.app.base import BaseApplication
 
     os.environ["DL2LS_SOURCE"] = source
@@ -289,6 +460,7 @@ def serve(source: str, host: str, port: int, workers: int, threads: int) -> None
             self.cfg.set("bind", f"{host}:{port}")
             self.cfg.set("workers", workers)
             self.cfg.set("threads", threads)
+            self.cfg.set("worker_class", "dl2ls.web.Worker")
             self.cfg.set("timeout", 120)
             self.cfg.set("accesslog", "-")
 
@@ -296,4 +468,3 @@ def serve(source: str, host: str, port: int, workers: int, threads: int) -> None
             return create_app(source)
 
     Application().run()
-
