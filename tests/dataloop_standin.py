@@ -10,7 +10,10 @@ POST /datasets/{id}/export -> a command polled with GET /commands/{id} until `su
 `spec.outputItemId` streams a JSON array of items with their annotations.
 
 It serves whatever items a test puts in `datasets`, counts every request by route, and injects
-faults on demand: 429 with Retry-After, 503, a dropped connection, an expired token.
+faults on demand: 429 with Retry-After, 503, a dropped connection, an expired token; a cap on the
+page size (at most `page_cap` items per page whatever `pageSize` asks, with `hasNextPage` and
+`totalPagesCount` true to it), or answers without those fields; items keyed by `_id` alone; an
+export download given verbatim (`export_body`: broken elements, truncation).
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class DataloopStandIn:
         self.requests: Counter = Counter()
         self.commands: dict[str, dict] = {}
         self.export_polls = 2
+        self.page_cap: int | None = None  # the most items a query page holds, whatever pageSize asks
+        self.omit_page_fields: set[str] = set()  # e.g. {"hasNextPage"}: left out of query answers
+        self.export_body: bytes | None = None  # when set, what every export download returns, verbatim
         self.lock = threading.Lock()
         self.app = self._build()
         self.server = None
@@ -56,7 +62,7 @@ class DataloopStandIn:
         if touch:
             item["updatedAt"] = self.now()
         item["annotationsCount"] = len(item.get("annotations") or [])
-        self.datasets.setdefault(dataset_id, {})[item["id"]] = item
+        self.datasets.setdefault(dataset_id, {})[_key(item)] = item
 
     @staticmethod
     def now() -> str:
@@ -147,17 +153,19 @@ class DataloopStandIn:
             resource = body.get("resource", "items")
             items = standin.datasets[dataset_id].values()
             if resource == "annotations":
-                rows = [dict(a, itemId=i["id"]) for i in items for a in (i.get("annotations") or [])]
+                rows = [dict(a, itemId=_key(i)) for i in items for a in (i.get("annotations") or [])]
             else:
                 rows = [{k: v for k, v in i.items() if k != "annotations"} | {"type": "file", "hidden": False}
                         for i in items]
             rows = [r for r in rows if _matches(r, body.get("filter") or {})]
-            rows.sort(key=lambda r: r["id"])
+            rows.sort(key=_key)
             page, size = int(body.get("page", 0)), int(body.get("pageSize", 1000))
+            if standin.page_cap:
+                size = min(size, standin.page_cap)
             chunk = rows[page * size:(page + 1) * size]
             pages = (len(rows) + size - 1) // size
-            return jsonify(items=chunk, totalItemsCount=len(rows), totalPagesCount=pages,
-                           hasNextPage=page + 1 < pages)
+            answer = dict(items=chunk, totalItemsCount=len(rows), totalPagesCount=pages, hasNextPage=page + 1 < pages)
+            return jsonify({k: v for k, v in answer.items() if k not in standin.omit_page_fields})
 
         @app.get("/api/v1/items/<item_id>")
         def item(item_id):
@@ -202,7 +210,8 @@ class DataloopStandIn:
             cmd = next((c for c in standin.commands.values() if c["spec"]["outputItemId"] == item_id), None)
             if cmd is None:
                 return jsonify(message="not found"), 404
-            return app.response_class(json.dumps(cmd["payload"]), mimetype="application/json")
+            body = standin.export_body if standin.export_body is not None else json.dumps(cmd["payload"])
+            return app.response_class(body, mimetype="application/json")
 
         return app
 
@@ -211,6 +220,11 @@ class DataloopStandIn:
             if item_id in items:
                 return items[item_id]
         return None
+
+
+def _key(row: dict) -> str:
+    """An item's id as the server knows it, whichever field the answer carries it in."""
+    return row.get("id") or row.get("_id") or ""
 
 
 def _matches(row: dict, flt: Any) -> bool:
@@ -226,6 +240,8 @@ def _matches(row: dict, flt: Any) -> bool:
         value: Any = row
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
+        if key == "id":
+            value = _key(row) or None
         if isinstance(want, dict):
             for op, arg in want.items():
                 if not _compare(op, value, arg):

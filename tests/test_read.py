@@ -28,7 +28,8 @@ def test_item_file():
 
 def test_bare_annotation_list_is_one_item_named_after_the_file():
     (entry,) = iter_items(SAMPLES / "video_annotations_2019_list.json")
-    assert entry.item.id is None and entry.item.filename == "video_annotations_2019_list"
+    assert entry.item.id is None and entry.item.filename == "/video_annotations_2019_list"
+    assert entry.item.name == "video_annotations_2019_list"
     assert len(entry.item.annotations) == 16
 
 

@@ -208,3 +208,15 @@ def test_a_poisoned_item_is_quarantined_while_the_rest_converge(dataset, ls_env,
     code, err = sync_with(capsys, pid, state)
     assert code == 0 and "quarantined 1" in err and "read 0" in err
     monkeypatch.setattr(push_module.Pusher, "_post_bulk", original)
+
+
+@pytest.mark.parametrize("omit", [set(), {"hasNextPage"}])
+def test_a_capped_page_size_deletes_nothing(dataset, ls_env, capsys, omit):
+    standin, pid, state = dataset
+    assert sync_with(capsys, pid, state)[0] == 0
+    standin.page_cap = 7  # the server returns 7 items a page, whatever pageSize asks
+    standin.omit_page_fields = omit  # and may leave hasNextPage out (totalPagesCount then tells)
+    code, err = sync_with(capsys, pid, state)
+    assert code == 0 and "items seen 30" in err and "deleted 0" in err
+    now = held(ls_env, pid)
+    assert len(now) == 30 and all(len(h["versions"]["dataloop-human"]) == 1 for h in now.values())

@@ -71,7 +71,7 @@ def _limits(args):
     from dl2ls.dataloop import read
 
     text = getattr(args, "max_item_size", None)
-    if text is None or not hasattr(read, "ReadLimits"):
+    if text is None:
         return None
     try:
         return read.ReadLimits(max_item_bytes=read.parse_size(text))
@@ -347,7 +347,7 @@ def cmd_fetch(args) -> int:
 
     if args.method == "export":
         # one element at a time from a temporary file: memory follows the largest item
-        for element in client.export_items(args.dataset, filters):
+        for element in client.export_items(args.dataset, filters, limits=_limits(args)):
             where = f"export element {element.index}"
             if element.error is not None:
                 skip(where, element.error)
@@ -409,7 +409,7 @@ def cmd_sync(args) -> int:
         report = Report()
         try:
             summary = sync.run_once(client, pusher, args.dataset, args.project, state, filters, options, defaults,
-                                    report, allow_mass_delete=args.allow_mass_delete)
+                                    report, allow_mass_delete=args.allow_mass_delete, limits=_limits(args))
         except (DataloopError, push.PushError, InputError) as err:
             if every is None:
                 raise
@@ -600,6 +600,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, metavar="ID")
     p.add_argument("-o", "--output", default="dataloop-export", metavar="DIR", help="(default: %(default)s)")
     p.add_argument("--filter", metavar="DQL.json", help="only the items matching this DQL filter")
+    p.add_argument("--max-item-size", metavar="SIZE", default="512M",
+                   help="leave out (with a line) an exported item larger than this (default: %(default)s)")
     p.add_argument("--method", choices=("export", "query"), default="export",
                    help="export: one export command (fewest requests); query: items by query, then each "
                         "item's annotations (default: %(default)s)")

@@ -17,7 +17,7 @@ from typing import Iterator
 import orjson
 
 from dl2ls.dataloop.model import MediaDefaults, decode_annotation, item_id, media_of
-from dl2ls.dataloop.read import Entry, count_items, iter_items
+from dl2ls.dataloop.read import DEFAULT_LIMITS, Entry, ReadLimits, count_items, iter_items
 from dl2ls.labelstudio import config as lsconfig
 from dl2ls.labelstudio.evaluate import Mismatch, Verdict, compare_item
 from dl2ls.labelstudio.identity import TasksByItem
@@ -25,11 +25,6 @@ from dl2ls.labelstudio.mappers import family_of
 from dl2ls.labelstudio.tasks import ConvertOptions, to_task
 from dl2ls.report import InputError, Report
 from dl2ls.tracks import ItemInfo, item_tracks
-
-try:  # the readers' limits (an item's size, a zip entry's inflation)
-    from dl2ls.dataloop.read import ReadLimits
-except ImportError:  # pragma: no cover - until the readers have them
-    ReadLimits = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("dl2ls.convert")
 
@@ -117,7 +112,7 @@ def entries(sources: list[str], what: str, limits: ReadLimits | None = None) -> 
         bar = tqdm(total=total, unit="item", desc=what, file=sys.stderr, leave=False)
     try:
         for source in sources:
-            for entry in (iter_items(source, limits=limits) if limits is not None else iter_items(source)):
+            for entry in iter_items(source, limits=limits or DEFAULT_LIMITS):
                 yield entry
                 if bar is not None:
                     bar.update(1)

@@ -39,9 +39,9 @@ from typing import Iterator
 import orjson
 
 from dl2ls.convert import convert_item
-from dl2ls.dataloop.api import DataloopClient, DataloopError
+from dl2ls.dataloop.api import DataloopClient, item_key
 from dl2ls.dataloop.model import MediaDefaults, decode_item
-from dl2ls.dataloop.read import Entry, split_array
+from dl2ls.dataloop.read import Entry, ReadLimits
 from dl2ls.labelstudio import config as lsconfig
 from dl2ls.labelstudio import push
 from dl2ls.labelstudio.tasks import ConvertOptions
@@ -201,41 +201,33 @@ def settings_fingerprint(options: ConvertOptions, config_xml: str) -> str:
     return hashlib.sha1("\x00".join(parts).encode()).hexdigest()
 
 
-def _key(item: dict) -> str | None:
-    key = item.get("id") or item.get("_id")
-    return key if isinstance(key, str) and key else None
-
-
-def _exported(client: DataloopClient, dataset_id: str, filters: list[dict] | None) -> Iterator[dict]:
-    """The export's items one at a time (streamed when the client can), memory following one item."""
-    stream = getattr(client, "export_items", None)
-    if stream is not None:
-        for raw in stream(dataset_id, filters):
-            yield orjson.loads(raw if isinstance(raw, (bytes, bytearray, memoryview)) else getattr(raw, "data", raw))
-        return
-    data = client.export(dataset_id, filters)
-    for a, b in split_array(data):
-        yield orjson.loads(data[a:b])
+def _exported(client: DataloopClient, dataset_id: str, filters: list[dict] | None, report: Report,
+              limits: ReadLimits | None) -> Iterator[dict]:
+    """The export's items one at a time, streamed (memory follows one item); an element that is
+    over the size limit or not readable is one line in the report, and the rest goes on."""
+    for element in client.export_items(dataset_id, filters, limits=limits):
+        where = f"dataloop:{dataset_id} export[{element.index}]"
+        if element.data is None:
+            report.warn(where, element.error or "left out")
+            continue
+        try:
+            item = orjson.loads(element.data)
+        except (orjson.JSONDecodeError, RecursionError):
+            report.warn(where, "not readable JSON: left out")
+            continue
+        if isinstance(item, dict):
+            yield item
 
 
 def _gone(client: DataloopClient, item_id: str) -> bool:
     """Whether Dataloop itself says the item no longer exists (not merely that a listing left it out)."""
-    find = getattr(client, "find_item", None)
-    if find is not None:
-        return find(item_id) is None
-    try:
-        client.item(item_id)
-    except DataloopError as err:
-        if "404" in str(err):
-            return True
-        raise
-    return False
+    return client.find_item(item_id) is None
 
 
 def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, project_id: int, state: State,
              filters: list[dict] | None = None, options: ConvertOptions | None = None,
              defaults: MediaDefaults | None = None, report: Report | None = None,
-             allow_mass_delete: bool = False) -> RunSummary:
+             allow_mass_delete: bool = False, limits: ReadLimits | None = None) -> RunSummary:
     started, now = time.monotonic(), time.time()
     requests_before = client.counters.requests
     summary = RunSummary()
@@ -259,7 +251,7 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
     known = state.items(scope)
     listing: dict[str, dict] = {}
     for item in client.query(dataset_id, filters):
-        key = _key(item)
+        key = item_key(item)
         if key is None:
             report.warn(f"dataloop:{dataset_id}", "an item in the listing has no id: left out")
             continue
@@ -298,8 +290,8 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
     exported: dict[str, list] = {}
     if len(candidates) > max(EXPORT_AT, len(listing) // 5):
         wanted = set(candidates)
-        for entry in _exported(client, dataset_id, filters):
-            key = _key(entry)
+        for entry in _exported(client, dataset_id, filters, report, limits):
+            key = item_key(entry)
             if key in wanted:
                 exported[key] = entry.get("annotations") or []
     changed: list[tuple[str, dict, str]] = []

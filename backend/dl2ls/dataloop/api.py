@@ -5,26 +5,34 @@ Shapes follow Dataloop's public API and its SDK `dtlpy` (see shared/reference/da
   or username/password through POST {gate}/token?default, renewed 60 s before the JWT's `exp`
   with its refresh token, as dtlpy does;
 - items: POST /datasets/{id}/query with a DQL body, paged by key (sorted on `id`, then
-  `{"id": {"$gt": last}}`), as dtlpy pages; GET /items/{id}; GET /items/{id}/annotations;
+  `{"id": {"$gt": last}}`), as dtlpy pages, for as long as the server says there is more
+  (`hasNextPage`); GET /items/{id}; GET /items/{id}/annotations;
 - a whole dataset: POST /datasets/{id}/export -> a command, polled with GET /commands/{id}
-  (backoff 2, 4, 8, 16, then 30 s), then GET /items/{outputItemId}/stream (a JSON array of items).
+  (backoff 2, 4, 8, 16, then 30 s), then GET /items/{outputItemId}/stream (a JSON array of items),
+  streamed to a temporary file and handed out one item at a time (`export_items`).
 Every call has a timeout; connection errors, 5xx and 429 are retried with exponential backoff and
-jitter (honouring Retry-After) within a bounded total wait; 401/403/404 end in one line. Tokens
-never appear in logs, errors or reports.
+jitter (honouring Retry-After) within a bounded total wait; 401/403/404 and every other failure of
+the transport end in one line (`DataloopError`). Tokens never appear in logs, errors or reports.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import os
 import random
+import re
+import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
+from urllib.parse import urlsplit
 
 import requests
+
+from dl2ls.dataloop.read import DEFAULT_LIMITS, FileChanged, PreadBuffer, ReadLimits, split_array
 
 log = logging.getLogger("dl2ls.dataloop")
 
@@ -34,10 +42,52 @@ POLL_SCHEDULE = (2, 4, 8, 16, 30)  # seconds between command polls, then 30 s on
 TERMINAL = {"success", "failed", "timeout", "canceled", "aborted"}
 MAX_ATTEMPTS = 12  # per request, whatever the waits: a server answering "retry now" forever is a failure
 MIN_DELAY = 0.05
+DOWNLOAD_ATTEMPTS = 4  # an export download cut off midway is started again, this many times in all
+DOWNLOAD_CHUNK = 1 << 20
+
+# failures of the transport worth another attempt: the network, the server's end of it, a body cut off
+RETRIED = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
 class DataloopError(Exception):
     """One line: what Dataloop refused or what could not be reached, and the fix."""
+
+
+def item_key(item: Any) -> str | None:
+    """An item's (or annotation's) id: `id`, else `_id` (some answers carry only the latter);
+    None when it has neither, or is not an object."""
+    if isinstance(item, dict):
+        for key in ("id", "_id"):
+            value = item.get(key)
+            if isinstance(value, str) and value:
+                return value
+    return None
+
+
+@dataclass(slots=True)
+class ExportElement:
+    """One element of a downloaded export array: its raw JSON, or why it was left out."""
+
+    index: int
+    data: bytes | None = None
+    error: str | None = None
+
+
+def check_url(url: str) -> str:
+    """The API's base URL, checked before any request: requests would fail later with a traceback
+    on a URL without a scheme (e.g. `gate.dataloop.ai/api/v1`)."""
+    problem = None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as err:
+        parts, problem = None, str(err)
+    if parts is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
+        problem = "not an http(s) URL"
+    if problem:
+        shown = re.sub(r"^([^/]*//)?[^/@]*@", r"\1", url)  # never a user:password@
+        raise DataloopError(f"DATALOOP_API_URL {shown[:100]!r}: {problem}; expected e.g. {DEFAULT_URL}")
+    return url
 
 
 def jwt_expiry(token: str) -> float | None:
@@ -54,6 +104,7 @@ def jwt_expiry(token: str) -> float | None:
 class Counters:
     requests: int = 0
     retries: int = 0
+    skipped: int = 0  # listed items with neither id nor _id
     by_route: dict[str, int] = field(default_factory=dict)
 
 
@@ -61,7 +112,7 @@ class DataloopClient:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, username: str | None = None,
                  password: str | None = None, timeout: float = 60.0, max_wait: float = 300.0,
                  poll_schedule: tuple[float, ...] = POLL_SCHEDULE, backoff: float = 1.0):
-        self.base = (base_url or os.environ.get("DATALOOP_API_URL") or DEFAULT_URL).rstrip("/")
+        self.base = check_url((base_url or os.environ.get("DATALOOP_API_URL") or DEFAULT_URL).strip().rstrip("/"))
         self.gate = self.base[: -len("/api/v1")] if self.base.endswith("/api/v1") else self.base
         self._api_key = api_key if api_key is not None else os.environ.get("DATALOOP_API_KEY")
         self._username = username if username is not None else os.environ.get("DATALOOP_USERNAME")
@@ -102,7 +153,12 @@ class DataloopClient:
         if response.status_code in (400, 401, 403):
             raise DataloopError("Dataloop refused DATALOOP_USERNAME/DATALOOP_PASSWORD (login failed)")
         self._check(response, "login")
-        data = response.json()
+        try:
+            data = response.json()
+        except (ValueError, RecursionError, requests.RequestException):
+            data = None
+        if not isinstance(data, dict):
+            raise DataloopError("login: Dataloop's token endpoint did not answer with a JSON object")
         self._token = data.get("id_token")
         self._refresh = data.get("refresh_token", self._refresh)
         if not self._token:
@@ -123,16 +179,23 @@ class DataloopClient:
             try:
                 response = self.session.request(method, url, json=json_body, headers=headers, timeout=self.timeout,
                                                 stream=stream)
-            except (requests.ConnectionError, requests.Timeout) as err:
+            except RETRIED as err:
                 response, problem = None, type(err).__name__
+            except requests.RequestException as err:  # a bad URL, redirects without end, an undecodable body
+                raise DataloopError(f"{method} {self._path(url)}: {self._describe(err)}") from None
+            except (UnicodeError, ValueError) as err:  # e.g. a key with characters no HTTP header can carry
+                raise DataloopError(f"{method} {self._path(url)}: cannot send the request "
+                                    f"({type(err).__name__}; check DATALOOP_API_URL and the credentials)") from None
             if response is not None:
                 if response.status_code == 401 and auth and not self._api_key and not relogged:
+                    response.close()
                     self._token = None  # an expired session: log in again, once
                     relogged = True
                     continue
                 if response.status_code != 429 and response.status_code < 500:
                     return response
                 problem = f"HTTP {response.status_code}"
+                response.close()  # a streamed body left unread would hold its connection
             delay = self._delay(response, attempt)
             if waited + delay > self.max_wait or attempt + 1 >= MAX_ATTEMPTS:
                 raise DataloopError(f"{method} {self._path(url)}: gave up after {attempt + 1} attempts and "
@@ -156,6 +219,14 @@ class DataloopClient:
     def _path(self, url: str) -> str:
         return url[len(self.gate):] if url.startswith(self.gate) else url
 
+    def _describe(self, err: BaseException) -> str:
+        """One line for a failure of the transport, with no secret in it."""
+        text = str(err).splitlines()[0][:200] if str(err) else ""
+        for secret in (self._api_key, self._token, self._password, self._refresh):
+            if secret:
+                text = text.replace(secret, "***")
+        return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
     def _check(self, response: requests.Response, what: str) -> None:
         code = response.status_code
         if code < 300:
@@ -175,9 +246,11 @@ class DataloopClient:
         self._check(response, what or f"{method} {path}")
         try:
             return response.json()
-        except ValueError:
-            raise DataloopError(f"{what or path}: Dataloop answered {response.status_code} with no JSON "
-                                f"({response.text[:80]!r})") from None
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than can be read
+            raise DataloopError(f"{what or path}: Dataloop answered {response.status_code} with no readable "
+                                f"JSON ({response.text[:80]!r})") from None
+        except requests.RequestException as err:  # the body cut off or undecodable
+            raise DataloopError(f"{what or path}: {self._describe(err)}") from None
 
     # -- resources ------------------------------------------------------------------------------
 
@@ -190,6 +263,18 @@ class DataloopClient:
     def item(self, item_id: str) -> dict:
         return self.request("GET", f"/items/{item_id}", what=f"item {item_id}", route="items/{id}")
 
+    def find_item(self, item_id: str) -> dict | None:
+        """The item, or None when Dataloop says it does not exist (404): what sync asks before it
+        takes anything away, never concluding from a listing that merely left the item out."""
+        response = self._send("GET", f"{self.base}/items/{item_id}", route="items/{id}")
+        if response.status_code == 404:
+            return None
+        self._check(response, f"item {item_id}")
+        try:
+            return response.json()
+        except (ValueError, RecursionError, requests.RequestException):
+            raise DataloopError(f"item {item_id}: Dataloop answered with no readable JSON") from None
+
     def item_annotations(self, item_id: str) -> list[dict]:
         return self.request("GET", f"/items/{item_id}/annotations", what=f"annotations of item {item_id}",
                             route="items/{id}/annotations")
@@ -197,23 +282,57 @@ class DataloopClient:
     def query(self, dataset_id: str, filters: list[dict] | None = None, resource: str = "items",
               page_size: int = PAGE_SIZE) -> Iterator[dict]:
         """Every item (or annotation) matching the DQL filters, paged by key as dtlpy pages: sorted
-        on `id`, each page asking for ids after the last one seen."""
+        on `id`, each page asking for ids after the last one seen, for as long as the server says
+        there is more (`hasNextPage`, else `totalPagesCount`, else until an empty page). Never by
+        the length of a page: a server may cap its pages below `pageSize`, and a listing that ends
+        early would look like deletions to sync. Entries with neither `id` nor `_id` are logged,
+        counted (`counters.skipped`) and left out."""
         base = [{"hidden": False}, {"type": "file"}] if resource == "items" else []
+        what = f"query dataset {dataset_id}"
         last = None
         while True:
             clauses = base + list(filters or []) + ([{"id": {"$gt": last}}] if last else [])
             body = {"filter": {"$and": clauses}, "sort": {"id": "ascending"}, "page": 0, "pageSize": page_size,
                     "resource": resource}
-            page = self.request("POST", f"/datasets/{dataset_id}/query", body, what=f"query dataset {dataset_id}",
+            page = self.request("POST", f"/datasets/{dataset_id}/query", body, what=what,
                                 route="datasets/{id}/query")
-            found = page.get("items") or []
-            yield from found
-            if not found or len(found) < page_size or not page.get("hasNextPage", True):
+            found = page.get("items") if isinstance(page, dict) else None
+            if found is None and isinstance(page, dict) and not page.get("hasNextPage"):
+                return  # an empty listing may leave `items` out
+            if not isinstance(found, list):
+                raise DataloopError(f"{what}: the answer holds no list of items ({type(page).__name__})")
+            newest = None
+            for entry in found:
+                key = item_key(entry)
+                if key is None:
+                    self.counters.skipped += 1
+                    log.warning("%s: skipped an entry with neither id nor _id", what)
+                    continue
+                newest = key
+                yield entry
+            if not found or not self._more(page):
                 return
-            last = found[-1]["id"]
+            if newest is None:
+                raise DataloopError(f"{what}: a page of {len(found)} entries without ids: cannot ask for the next")
+            if newest == last:  # the same page again: the server ignored {"id": {"$gt": last}}
+                raise DataloopError(f"{what}: the server sent the page ending at id {last!r} twice: "
+                                    "it does not page by id")
+            last = newest
 
-    def export(self, dataset_id: str, filters: list[dict] | None = None, max_seconds: float = 6 * 3600) -> bytes:
-        """The export command: a JSON array of items, each with its annotations."""
+    @staticmethod
+    def _more(page: dict) -> bool:
+        """Whether the listing goes on after this page, as the server says: key paging always asks
+        for page 0 of what is left, so there is more exactly when that has more than one page."""
+        more = page.get("hasNextPage")
+        if isinstance(more, bool):
+            return more
+        pages = page.get("totalPagesCount")
+        if isinstance(pages, int) and not isinstance(pages, bool):
+            return pages > 1
+        return True  # neither: ask again, until an empty page
+
+    def _run_export(self, dataset_id: str, filters: list[dict] | None, max_seconds: float) -> str:
+        """Start the export command and wait for it; the id of the item holding its output."""
         body = {"exportType": "json", "annotations": {"include": True, "convertSemantic": False}}
         if filters:
             body["itemsQuery"] = {"filter": {"$and": list(filters)}}
@@ -221,20 +340,82 @@ class DataloopClient:
                                route="datasets/{id}/export")
         started = time.monotonic()
         for n in range(10**6):
+            if not isinstance(command, dict):
+                raise DataloopError(f"export of dataset {dataset_id}: the command is not a JSON object")
             status = command.get("status")
             if status in TERMINAL:
                 break
             if time.monotonic() - started > max_seconds:
                 raise DataloopError(f"export of dataset {dataset_id}: still {status!r} after {max_seconds:.0f} s")
             time.sleep(self.poll_schedule[min(n, len(self.poll_schedule) - 1)])
-            command = self.request("GET", f"/commands/{command['id']}", what="export command",
+            command = self.request("GET", f"/commands/{command.get('id')}", what="export command",
                                    route="commands/{id}")
         if command.get("status") != "success":
             raise DataloopError(f"export of dataset {dataset_id} ended {command.get('status')!r}: "
                                 f"{str(command.get('error') or '')[:200]}")
         output = (command.get("spec") or {}).get("outputItemId")
-        if not output:
+        if not output or not isinstance(output, str):
             raise DataloopError(f"export of dataset {dataset_id}: the command names no outputItemId")
-        response = self._send("GET", f"{self.base}/items/{output}/stream", route="items/{id}/stream")
-        self._check(response, "download the export")
-        return response.content
+        return output
+
+    def _download(self, output: str, sink: IO[bytes]) -> int:
+        """Stream the export's output item into `sink`, chunk by chunk (never the whole body in
+        memory); a download cut off midway starts again from the beginning. The bytes written."""
+        url, what = f"{self.base}/items/{output}/stream", "download the export"
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            response = self._send("GET", url, route="items/{id}/stream", stream=True)
+            try:
+                self._check(response, what)
+                sink.seek(0)
+                sink.truncate()
+                size = 0
+                for chunk in response.iter_content(DOWNLOAD_CHUNK):
+                    sink.write(chunk)
+                    size += len(chunk)
+                sink.flush()
+                return size
+            except RETRIED as err:
+                if attempt + 1 >= DOWNLOAD_ATTEMPTS:
+                    raise DataloopError(f"{what}: cut off {attempt + 1} times ({type(err).__name__})") from None
+                log.debug("%s: %s, starting again", what, type(err).__name__)
+                self.counters.retries += 1
+                time.sleep(self._delay(None, attempt))
+            except requests.RequestException as err:
+                raise DataloopError(f"{what}: {self._describe(err)}") from None
+            except OSError as err:
+                raise DataloopError(f"{what}: cannot write the temporary file: {err.strerror or err}") from None
+            finally:
+                response.close()
+        raise AssertionError("unreachable")
+
+    def export(self, dataset_id: str, filters: list[dict] | None = None, max_seconds: float = 6 * 3600) -> bytes:
+        """The export command: a JSON array of items, each with its annotations, whole in memory.
+        Prefer `export_items`, whose memory follows the largest item instead of the dataset."""
+        output = self._run_export(dataset_id, filters, max_seconds)
+        sink = io.BytesIO()
+        self._download(output, sink)
+        return sink.getvalue()
+
+    def export_items(self, dataset_id: str, filters: list[dict] | None = None, max_seconds: float = 6 * 3600,
+                     limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[ExportElement]:
+        """The export command, one item at a time: the download goes to a temporary file (already
+        unlinked, so it is gone however the iteration ends, even on a kill), which is split without
+        parsing it; each element's raw JSON is read from the file when its turn comes. An element
+        over the item limit comes with its reason instead of its bytes. A download that is not a
+        JSON array raises DataloopError, after the elements before the fault."""
+        output = self._run_export(dataset_id, filters, max_seconds)
+        fd, name = tempfile.mkstemp(prefix="dl2ls-export-")
+        os.unlink(name)
+        with os.fdopen(fd, "w+b") as sink:
+            size = self._download(output, sink)
+            buf = PreadBuffer(sink.fileno(), size)
+            try:
+                for index, (a, b) in enumerate(split_array(buf)):
+                    if b - a > limits.max_item_bytes:
+                        yield ExportElement(index, error=f"refused: {b - a} bytes, over the "
+                                                         f"{limits.max_item_bytes} allowed per item (--max-item-size)")
+                    else:
+                        yield ExportElement(index, buf[a:b])
+            except (ValueError, FileChanged) as err:
+                raise DataloopError(f"export of dataset {dataset_id}: the download is not a JSON array of "
+                                    f"items: {err}") from None

@@ -11,7 +11,9 @@ from pathlib import Path, PurePosixPath
 
 def item_path(root: Path, item_dir: str | None, filename: str | None, name: str | None, item_id: str) -> Path:
     """Where an item's JSON goes under root/json, never outside it: `..`, absolute parts and
-    characters file systems refuse are neutralised."""
+    characters file systems refuse are neutralised. Values that are not text (an answer is input
+    like any other) are ignored."""
+    item_dir, filename, name = (v if isinstance(v, str) else None for v in (item_dir, filename, name))
     remote = filename or (f"{item_dir or ''}/{name}" if name else None) or item_id
     parts = [p for p in PurePosixPath(remote.replace("\\", "/")).parts if p not in ("/", "", ".", "..")]
     parts = [re.sub(r'[\x00-\x1f<>:"|?*]', "_", p) for p in parts] or [item_id]
