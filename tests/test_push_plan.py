@@ -219,3 +219,26 @@ def test_the_task_pager_failing_midway_is_one_line(monkeypatch):
         assert "tasks of project 1: cannot reach Label Studio" in str(err)
     else:
         raise AssertionError("expected a PushError")
+
+
+@pytest.mark.parametrize("case, versions, total, source, skipped", [
+    ("same source, predictions intact", ["v"], 1, "s1", True),
+    ("the item or the settings changed", ["v"], 1, "s2", False),
+    ("someone deleted the prediction", [], 0, "s1", False),
+    ("a duplicate to clean up", ["v"], 2, "s1", False),
+])
+def test_an_item_is_converted_again_unless_its_source_and_predictions_are_as_recorded(case, versions, total, source,
+                                                                                      skipped):
+    t = existing(1, {"dataloop_item_id": "A"}, versions, total=total, recorded={"v": DIGEST})
+    t.meta[META_KEY]["source"] = "s1"
+    stats = Stats()
+    assert Planner([t], "video").unchanged("A", source, stats) is skipped, case
+    assert stats.predictions_unchanged == (1 if skipped else 0)
+
+
+def test_the_record_carries_the_source_so_the_next_run_can_skip_converting():
+    change = Planner([], "video").plan(task("A"), orjson.dumps(task("A")), Stats(), source="s1")
+    assert orjson.loads(change.new_task)["meta"][META_KEY]["source"] == "s1"
+    t = existing(1, {"dataloop_item_id": "A"}, ["v"], recorded={"v": DIGEST})  # written before sources were kept
+    change = Planner([t], "video").plan(task("A"), b"{}", Stats(), source="s1")
+    assert change.write == [] and change.meta_update[META_KEY] == {"predictions": {"v": DIGEST}, "source": "s1"}

@@ -22,7 +22,9 @@ from typing import Callable, Iterator
 import orjson
 
 from dl2ls import __version__
-from dl2ls.convert import KindError, convert_sources, identities, scan_config, verify_sources
+from dl2ls.convert import (
+    KindError, convert_sources, entry_key, identities, scan_config, settings_fingerprint, source_of, verify_sources,
+)
 from dl2ls.dataloop.model import LIMITS, MediaDefaults
 from dl2ls.labelstudio import config as lsconfig
 from dl2ls.labelstudio.tasks import MEDIA_FIELDS, VERSION_FIELDS, ConvertOptions, check_template
@@ -257,7 +259,10 @@ def cmd_push(args) -> int:
             xml = _read_text(args.label_config, "--label-config") if args.label_config else \
                 generate_config(args.sources, None, args.kind, options.label_map, limits)[0]
             config = _parse_config(xml, "--label-config" if args.label_config else "generated config")
-            project_id = None if args.dry_run else pusher.create_project(args.new_project, xml)
+            if not args.dry_run:
+                project = pusher.create_project(args.new_project, xml)
+                project_id = project.id
+                config = _parse_config(project.label_config or xml, f"project {project_id}'s labeling config")
     elif args.label_config:
         raise UsageError("--label-config goes with --new-project; an existing project's own config is used")
     if args.project is not None:
@@ -278,9 +283,16 @@ def cmd_push(args) -> int:
             stats.items_failed += 1
             report.item_failed(InputError(change.item or "?", None, f"Label Studio refused it: {why}"))
 
+    fingerprint = settings_fingerprint(options, defaults)
+
+    def unchanged(entry) -> bool:
+        key = entry_key(entry)
+        return key is not None and planner.unchanged(key, source_of(entry.digest, fingerprint) or "", stats)
+
     def changes():
-        for converted in convert_sources(args.sources, options, defaults, report, args.kind, limits, "push"):
-            yield planner.plan(converted.task, converted.body, stats)
+        for converted in convert_sources(args.sources, options, defaults, report, args.kind, limits, "push",
+                                         skip=unchanged):
+            yield planner.plan(converted.task, converted.body, stats, source=source_of(converted.digest, fingerprint))
 
     try:
         push.apply(pusher, project_id, changes(), dry_run=args.dry_run, on_batch=refused)

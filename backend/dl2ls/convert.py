@@ -9,13 +9,16 @@ batch's, and the bulk writers reuse the bytes instead of serialising twice.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import orjson
 
+from dl2ls import __version__
 from dl2ls.dataloop.model import MediaDefaults, decode_annotation, item_id, media_of
 from dl2ls.dataloop.read import DEFAULT_LIMITS, Entry, ReadLimits, count_items, iter_items
 from dl2ls.labelstudio import config as lsconfig
@@ -38,6 +41,7 @@ class Converted:
     task: dict | None = None  # None: the entry failed, or was deliberately not converted
     body: bytes | None = None  # the task as JSON
     info: ItemInfo | None = None
+    digest: str | None = None  # of the item's bytes as read
 
     @property
     def kind(self) -> str | None:
@@ -52,7 +56,7 @@ def convert_item(entry: Entry, options: ConvertOptions, defaults: MediaDefaults,
                  kind: str | None = None) -> Converted:
     """`kind`: take only items of this media kind; another kind is left out with a line."""
     report = Report()
-    out = Converted(entry.origin, report)
+    out = Converted(entry.origin, report, digest=entry.digest)
     if entry.note:
         report.warn(entry.origin, entry.note)
         return out
@@ -121,14 +125,39 @@ def entries(sources: list[str], what: str, limits: ReadLimits | None = None) -> 
             bar.close()
 
 
+def settings_fingerprint(options: ConvertOptions, defaults: MediaDefaults) -> str:
+    """Everything besides an item that decides what it converts to: the labeling config, the
+    options, the media defaults, and dl2ls's own version (a release may convert differently)."""
+    parts = [__version__, options.config.xml, options.model_version, options.media_url or "",
+             repr(options.tolerance_px), json.dumps(options.label_map, sort_keys=True),
+             repr((defaults.fps, defaults.width, defaults.height))]
+    return hashlib.sha1("\x00".join(parts).encode()).hexdigest()
+
+
+def source_of(digest: str | None, fingerprint: str) -> str | None:
+    """What an item converts from: its bytes and the settings."""
+    return hashlib.sha1(f"{digest}\x00{fingerprint}".encode()).hexdigest()[:32] if digest else None
+
+
+def entry_key(entry: Entry) -> str | None:
+    """The identity an entry's item will have in Label Studio (see push.item_key)."""
+    if entry.item is None:
+        return None
+    key = item_id(entry.item)
+    return key if key else (f"file:{entry.item.filename}" if entry.item.filename else None)
+
+
 def convert_sources(sources: list[str], options: ConvertOptions, defaults: MediaDefaults, report: Report,
                     kind: str | None = None, limits: ReadLimits | None = None,
-                    what: str = "convert") -> Iterator[Converted]:
+                    what: str = "convert", skip: Callable[[Entry], bool] | None = None) -> Iterator[Converted]:
     """Every item of the sources through `convert_item`, counted into `report`; yields the items
     that became tasks. Items of another kind than `kind` are left out with a line each; without
     `kind`, a second kind of media stops the run (KindError) rather than mixing them."""
     first_kind = kind
     for entry in entries(sources, what, limits):
+        if skip is not None and skip(entry):  # unchanged since it was last converted and written
+            report.items_unchanged += 1
+            continue
         converted = convert_item(entry, options, defaults, kind)
         if converted.task is not None and converted.kind != first_kind:
             if first_kind is None:
@@ -147,7 +176,7 @@ def identities(sources: list[str], limits: ReadLimits | None = None) -> dict[str
     found: dict[str, str | None] = {}
     for entry in entries(sources, "scan", limits):
         if entry.item is not None:
-            key = item_id(entry.item) or (f"file:{entry.item.filename}" if entry.item.filename else None)
+            key = entry_key(entry)
             if key:
                 found.setdefault(key, entry.item.filename or entry.item.name)
     return found

@@ -58,6 +58,7 @@ class Problem:
 class Report:
     items_converted: int = 0
     items_failed: int = 0
+    items_unchanged: int = 0  # push: unchanged since dl2ls last wrote them, not converted again
     counts: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     problems: list[Problem] = field(default_factory=list)
     attributes: Counter = field(default_factory=Counter)  # "mapped" to config controls | "meta"
@@ -81,6 +82,7 @@ class Report:
     def merge(self, other: "Report") -> None:
         self.items_converted += other.items_converted
         self.items_failed += other.items_failed
+        self.items_unchanged += other.items_unchanged
         for type_, counter in other.counts.items():
             self.counts[type_].update(counter)
         self.problems.extend(other.problems)
@@ -94,7 +96,8 @@ class Report:
 
     def to_json(self) -> dict:
         return {
-            "items": {"converted": self.items_converted, "failed": self.items_failed},
+            "items": {"converted": self.items_converted, "failed": self.items_failed,
+                      **({"unchanged": self.items_unchanged} if self.items_unchanged else {})},
             "annotations": {
                 t: {o: self.counts[t][o] for o in OUTCOMES} for t in sorted(self.counts)
             },
@@ -110,7 +113,9 @@ class Report:
         }
 
     def summary(self, max_lines: int = 20) -> str:
-        lines = [f"items: {self.items_converted} converted, {self.items_failed} failed"]
+        lines = [f"items: {self.items_converted} converted, {self.items_failed} failed"
+                 + (f", {self.items_unchanged} unchanged since dl2ls last wrote them (not converted again)"
+                    if self.items_unchanged else "")]
         width = max([len(t) for t in self.counts] + [10])
         lines.append(f"{'type':<{width}}  " + "  ".join(f"{o:>12}" for o in OUTCOMES))
         for t in sorted(self.counts):

@@ -38,7 +38,7 @@ from typing import Iterator
 
 import orjson
 
-from dl2ls.convert import convert_item
+from dl2ls.convert import convert_item, settings_fingerprint
 from dl2ls.dataloop.api import DataloopClient, item_key
 from dl2ls.dataloop.model import MediaDefaults, decode_item
 from dl2ls.dataloop.read import Entry, ReadLimits
@@ -195,12 +195,6 @@ def content_hash(item: dict, fingerprint: str) -> str:
     return hashlib.sha1(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)).hexdigest()
 
 
-def settings_fingerprint(options: ConvertOptions, config_xml: str) -> str:
-    parts = [config_xml, options.model_version, options.media_url or "", repr(options.tolerance_px),
-             json.dumps(options.label_map, sort_keys=True)]
-    return hashlib.sha1("\x00".join(parts).encode()).hexdigest()
-
-
 def _exported(client: DataloopClient, dataset_id: str, filters: list[dict] | None, report: Report,
               limits: ReadLimits | None) -> Iterator[dict]:
     """The export's items one at a time, streamed (memory follows one item); an element that is
@@ -245,7 +239,7 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
         options.config = lsconfig.parse(project.label_config or "")
     except lsconfig.ConfigError as err:
         raise InputError(f"project {project_id}", None, f"its labeling config: {err}") from None
-    fingerprint = settings_fingerprint(options, project.label_config or "")
+    fingerprint = settings_fingerprint(options, defaults)
 
     # 1. what Dataloop has now, and what changed since this scope's cursor
     known = state.items(scope)

@@ -12,6 +12,8 @@ entries that would inflate beyond the limits (`ReadLimits`) are refused and repo
 
 from __future__ import annotations
 
+import hashlib
+
 import lzma
 import operator
 import os
@@ -162,6 +164,7 @@ class Entry:
     error: InputError | None = None
     note: str | None = None  # recognised and deliberately not converted (e.g. a label tree)
     locator: Locator | None = None  # how to read this item alone again (`load_item`)
+    digest: str | None = None  # of the item's bytes as stored: an unchanged item needs no conversion
 
 
 def iter_items(source: str | os.PathLike, *, limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[Entry]:
@@ -375,6 +378,14 @@ _WS = b" \t\r\n"
 Buffer = bytes | bytearray | PreadBuffer
 
 
+def _digest(*parts) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        h.update(part)
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
 def _iter_document(buf: Buffer, origin: str, locator: Locator, limits: ReadLimits) -> Iterator[Entry]:
     first = _first_char(buf)
     if first is None:
@@ -385,8 +396,9 @@ def _iter_document(buf: Buffer, origin: str, locator: Locator, limits: ReadLimit
             return
         try:
             # decoded straight from the buffer: a validated item keeps no reference to it
-            item = decode_item(buf if not isinstance(buf, PreadBuffer) else buf[:], origin)
-            yield Entry(origin, item=_name_if_anonymous(item, locator), locator=locator)
+            data = buf if not isinstance(buf, PreadBuffer) else buf[:]
+            item = decode_item(data, origin)
+            yield Entry(origin, item=_name_if_anonymous(item, locator), locator=locator, digest=_digest(data))
         except InputError as err:
             yield Entry(origin, error=err)
     elif first == ord("["):
@@ -444,7 +456,7 @@ def _iter_array(buf: Buffer, origin: str, locator: Locator, limits: ReadLimits) 
             raws = [msgspec.Raw(buf[a:b]) for a, b in elements]
             remote = locator.remote or "/" + origin
             item = Item(annotations=raws, name=remote.rsplit("/", 1)[-1], filename=remote)
-            yield Entry(origin, item=item, locator=locator)
+            yield Entry(origin, item=item, locator=locator, digest=_digest(*raws))
         elif isinstance(head, dict) and ("annotations" in head or "filename" in head or "metadata" in head):
             for index, (a, b) in enumerate(elements):
                 sub = f"{origin}[{index}]"
@@ -453,7 +465,9 @@ def _iter_array(buf: Buffer, origin: str, locator: Locator, limits: ReadLimits) 
                     yield Entry(sub, error=_too_large(sub, b - a, limits))
                     continue
                 try:
-                    entry = Entry(sub, item=_name_if_anonymous(decode_item(buf[a:b], sub), where), locator=where)
+                    data = buf[a:b]
+                    entry = Entry(sub, item=_name_if_anonymous(decode_item(data, sub), where), locator=where,
+                                  digest=_digest(data))
                 except InputError as err:
                     entry = Entry(sub, error=err)
                 yield entry

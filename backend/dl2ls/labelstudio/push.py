@@ -91,6 +91,12 @@ class ExistingTask:
         return {k: v for k, v in preds.items() if isinstance(v, str)} if isinstance(preds, dict) else {}
 
     @property
+    def source(self) -> str | None:
+        """The hash of the item's bytes and the conversion settings dl2ls last converted for it."""
+        ours = self.meta.get(META_KEY) if isinstance(self.meta, dict) else None
+        return ours.get("source") if isinstance(ours, dict) and isinstance(ours.get("source"), str) else None
+
+    @property
     def consistent(self) -> bool:
         """The listing shows every prediction once per version (no duplicate to clean up)."""
         return self.versions is not None and self.total_predictions == len(self.versions)
@@ -224,10 +230,26 @@ class Planner:
             found = self.tasks[self.matching.pairs[key]]
         return found
 
-    def plan(self, task: dict, body: bytes, stats: Stats, previous_versions: Iterable[str] = ()) -> Change | None:
+    def unchanged(self, key: str, source: str, stats: Stats) -> bool:
+        """Whether an item need not even be converted: its task records this very source (the item's
+        bytes and the conversion settings) and every prediction dl2ls wrote for it is there, once."""
+        existing = self.find(key)
+        if existing is None or key in self.seen_items or existing.source != source or not existing.consistent:
+            return False
+        recorded = existing.recorded
+        if not set(recorded) <= set(existing.versions or ()):
+            return False
+        self.seen_items.add(key)
+        stats.predictions_unchanged += len(recorded)
+        stats.versions.update(recorded)
+        return True
+
+    def plan(self, task: dict, body: bytes, stats: Stats, previous_versions: Iterable[str] = (),
+             source: str | None = None) -> Change | None:
         """The change one converted task needs; None when the item must not be written (listed
         twice, or matched ambiguously). `previous_versions`: versions written for this item
-        before (sync's state), deleted when the item no longer has them."""
+        before (sync's state), deleted when the item no longer has them. `source`: the hash of the
+        item's bytes and settings, recorded so the next run can skip converting it."""
         key = item_key(task["data"])
         if key is None:  # the reader gives every item an identity; a task without one is a bug upstream
             raise ValueError("a converted task without dataloop_item_id or dataloop_filename")
@@ -245,7 +267,7 @@ class Planner:
         if existing is None:
             stats.tasks_created += 1
             stats.predictions_created += len(hashes)
-            return Change(item=key, new_task=_with_meta(body, {META_KEY: {"predictions": hashes}}))
+            return Change(item=key, new_task=_with_meta(body, {META_KEY: _record(hashes, source)}))
 
         change = Change(item=key, task_id=existing.id)
         missing = {k: v for k, v in task["data"].items()
@@ -275,8 +297,8 @@ class Planner:
         gone = sorted(v for v in stale if v in shown or not existing.consistent)
         change.replace_versions += gone
         stats.predictions_deleted += len(gone)
-        if change.write or gone or set(recorded) != set(hashes):
-            change.meta_update = {**existing.meta, META_KEY: {"predictions": hashes}}
+        if change.write or gone or set(recorded) != set(hashes) or (source and source != existing.source):
+            change.meta_update = {**existing.meta, META_KEY: _record(hashes, source)}
         return change
 
     def plan_deleted(self, key: str, previous_versions: Iterable[str], stats: Stats) -> Change | None:
@@ -310,6 +332,10 @@ class Planner:
         self.warn(f"the project shows predictions of model_version {current!r}; dl2ls wrote {top!r}: pick it in "
                   "the project's settings (Annotation > Live predictions) to see them in the labeling stream")
         return None
+
+
+def _record(hashes: dict[str, str], source: str | None) -> dict:
+    return {"predictions": hashes, **({"source": source} if source else {})}
 
 
 def _with_meta(body: bytes, meta: dict) -> bytes:
@@ -403,11 +429,13 @@ class Pusher:
             p for p in self.client.projects.list(title=title, page_size=100, request_options=self.options)
             if p.title == title])
 
-    def create_project(self, title: str, label_config: str) -> int:
+    def create_project(self, title: str, label_config: str):
+        """The new project, with the labeling config as the server keeps it (the text a later run
+        reads back, so both runs fingerprint the same config)."""
         self.requests["write"] += 1
         project = self._call("create project", self.client.projects.create, title=title, label_config=label_config)
         log.info("created project %d %r", project.id, escape(title))
-        return project.id
+        return project
 
     def existing_tasks(self, project_id: int) -> Iterator[ExistingTask]:
         """Every task of the project, a page at a time: id, data, meta, and what its predictions
