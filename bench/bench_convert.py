@@ -21,6 +21,9 @@ What it does, in one run:
       `ann.frames` (run once, on a subset scaled up, when it would be slow).
 3. Peak memory of `python -m dl2ls.cli -q convert` in a child process on exports of growing item
    counts, as an export folder and as one JSON array file (the export API's output).
+4. Limits: inputs whose cost must follow what they store, not what they name (children, peak
+   RSS): a ~1 KB item whose box runs to frame 5,000,000 (convert and verify); one item of 300
+   dense tracks (in process, against orjson); an 11000 x 11000 mask PNG of ~0.6 MB.
 
 Peak RSS is measured with wait4() on a grandchild started by a tiny launcher process: Linux
 carries the parent's RSS high-water mark into a child across fork+exec, so RUSAGE_CHILDREN seen
@@ -432,6 +435,107 @@ def child_cmd() -> list[str]:
     raise SystemExit(f"neither `{CHILD_PY} -m dl2ls.cli` nor {script} works: {probe.stderr}")
 
 
+# ============================================================================ limits
+
+FAR_FRAME = 5_000_000
+
+
+def far_item() -> dict:
+    """~1 KB: one box that hides, changes label, and moves on frame 4,999,999 of a video of unknown
+    length (the converter once held it as dense per-frame arrays: 1.3 GB)."""
+    def box(x1, y1, x2, y2):
+        return [{"x": x1, "y": y1}, {"x": x2, "y": y2}]
+
+    def snap(frame, coords, label="car", visible=True):
+        return {"frame": frame, "label": label, "objectVisible": visible, "data": coords}
+
+    snaps = [snap(10, box(30, 30, 60, 60)), snap(20, box(30, 30, 60, 60), visible=False),
+             snap(30, box(40, 40, 80, 80), "truck"), snap(1000, box(45, 40, 85, 80), "truck"),
+             snap(FAR_FRAME - 1, box(50, 40, 90, 80), "truck")]
+    return {"id": "far", "filename": "/far.mp4", "name": "far.mp4",
+            "metadata": {"fps": FPS, "system": {"mimetype": "video/mp4", "width": WIDTH, "height": HEIGHT}},
+            "annotations": [{"id": "far1", "type": "box", "label": "car", "coordinates": box(10, 10, 20, 20),
+                             "metadata": {"system": {"frame": 0, "endFrame": FAR_FRAME, "snapshots_": snaps}}}]}
+
+
+def mask_png(n: int) -> bytes:
+    """An n x n RGBA PNG whose alpha holds a few discs, written row by row (never the whole image)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+    rng = np.random.default_rng(7)
+    discs = [(rng.uniform(0, n), rng.uniform(0, n), rng.uniform(n / 30, n / 8)) for _ in range(12)]
+    xs = np.arange(n)
+    comp, parts = zlib.compressobj(6), []
+    row = np.zeros((n, 4), np.uint8)
+    row[:, 0] = 200
+    for y in range(n):
+        row[:, 3] = 0
+        for cx, cy, r in discs:
+            if abs(y - cy) < r:
+                half = math.sqrt(r * r - (y - cy) ** 2)
+                row[max(0, int(cx - half)):max(0, int(cx + half)), 3] = 255
+        parts.append(comp.compress(b"\0" + row.tobytes()))
+    parts.append(comp.flush())
+    header = struct.pack(">IIBBBBB", n, n, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def prepare_limits(args) -> dict[str, Path]:
+    root = DATA / "limits"
+    root.mkdir(parents=True, exist_ok=True)
+    files = {"far": root / "far_5M.json", "tracks": root / f"tracks_300x{args.frames}_seed{args.seed}.json"}
+    if not files["far"].exists():
+        _write_atomic(files["far"], orjson.dumps(far_item()))
+    if not files["tracks"].exists():
+        _write_atomic(files["tracks"], orjson.dumps(make_item(args.seed, 0, 300, args.frames)))
+    if args.mask_size:
+        import base64
+
+        files["mask"] = root / f"mask_{args.mask_size}.json"
+        if not files["mask"].exists():
+            t0 = time.perf_counter()
+            png = mask_png(args.mask_size)
+            url = "data:image/png;base64," + base64.b64encode(png).decode()
+            item = {"id": "mask", "filename": "/mask.png", "name": "mask.png",
+                    "metadata": {"system": {"mimetype": "image/png", "width": args.mask_size,
+                                            "height": args.mask_size}},
+                    "annotations": [{"id": "m1", "type": "binary", "label": "blob", "coordinates": url}]}
+            _write_atomic(files["mask"], orjson.dumps(item))
+            print(f"generated a {args.mask_size}x{args.mask_size} mask PNG of {mb(len(png))} MB "
+                  f"in {time.perf_counter() - t0:.1f} s")
+    return files
+
+
+def run_limits(args, tmpdir: Path) -> None:
+    files = prepare_limits(args)
+    cmd = child_cmd()
+    out = tmpdir / "limits.json"
+    print("\nlimits (child processes: wall seconds, peak RSS incl. the interpreter; MB = 10^6 bytes)")
+    print(f"{'input':<52} {'input KB':>9} {'seconds':>8} {'peak RSS MB':>12}")
+
+    def child(label: str, argv: list[str], src: Path) -> None:
+        rss, _, _, secs = peak_rss([*cmd, *argv], tmpdir)
+        print(f"{label:<52} {src.stat().st_size / 1e3:>9.1f} {secs:>8.2f} {rss * 1024 / 1e6:>12.1f}")
+
+    child(f"convert: 1 box to frame {FAR_FRAME:,}, length unknown", ["-q", "convert", str(files["far"]), "-o",
+                                                                     str(out)], files["far"])
+    child("verify: the same (every frame, in chunks)", ["verify", str(files["far"]), str(out)], files["far"])
+    if "mask" in files:
+        n = args.mask_size
+        child(f"convert: {n}x{n} mask PNG", ["-q", "convert", str(files["mask"]), "-o", str(out)], files["mask"])
+
+    src = files["tracks"]
+    t_json, _ = best_of(lambda: orjson.loads(src.read_bytes()), args.repeat)
+    t_conv, _ = best_of(lambda: run_convert(src, out), args.repeat)
+    print(f"{'in process: 1 item x 300 dense tracks x ' + str(args.frames) + ' frames':<52} "
+          f"{src.stat().st_size / 1e3:>9.1f} {t_conv:>8.3f}   ({t_conv / t_json:.2f}x its orjson parse, "
+          f"{t_json:.3f} s)")
+
+
 # ============================================================================ main
 
 
@@ -453,6 +557,10 @@ def main() -> int:
     p.add_argument("--memory-sizes", default="10,40,160", metavar="N,N,..",
                    help="item counts for the peak-memory runs (default 10,40,160)")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-limits", action="store_true",
+                   help="skip the limit inputs (frame 5,000,000; 300 tracks; a large mask)")
+    p.add_argument("--mask-size", type=int, default=11000, metavar="N",
+                   help="side of the square mask PNG of the limits (default 11000; 0: none)")
     p.add_argument("--profile", action="store_true",
                    help="also cProfile one in-process conversion (top 25 by tottime)")
     args = p.parse_args()
@@ -535,6 +643,10 @@ def main() -> int:
         print(f"dtlpy / orjson = {t_dl / t_json:.1f}x; dtlpy / convert = {t_dl / t_conv:.1f}x")
     last_line = summary[-1].splitlines()[-1] if summary and summary[-1] else ""
     print(f"convert output: {mb(out_bytes)} MB of tasks; {last_line}")
+
+    # ---- 4. limits
+    if not args.no_limits:
+        run_limits(args, tmpdir)
 
     # ---- 3. peak memory in a child process
     if mem_sizes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,9 +14,12 @@ from PIL import Image
 
 from conftest import assert_frame_exact, box_annotation, convert, image_item, pts, results_of, snap, video_item
 from dl2ls.cli import main
+from dl2ls.dataloop.model import MediaDefaults, decode_item
 from dl2ls.labelstudio import config as lsconfig
 from dl2ls.labelstudio.evaluate import results_by_annotation, video_rectangle_at
+from dl2ls.labelstudio.tasks import ConvertOptions, to_task
 from dl2ls.report import InputError
+from dl2ls.tracks import item_tracks
 
 
 def png(size=(64, 48), mode="RGBA", alpha=255, truncate=False) -> str:
@@ -35,17 +39,29 @@ def bomb() -> str:
     return png(size=(20000, 20000), mode="1")
 
 
-@pytest.mark.parametrize("coords, outcome, reason", [
-    (png(), "exact", None),
-    ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "failed", "not a readable PNG"),
-    (png(truncate=True), "failed", "not a readable PNG"),
-    (png(mode="L"), "failed", "no alpha channel"),
-    (png(size=(10, 10)), "skipped", "mask is 10x10, the image 64x48"),
-    (bomb(), "failed", "decompression bomb"),
+def garbled(chunk: bytes) -> str:
+    """A good mask PNG with one byte of a chunk's data flipped (Pillow raised SyntaxError)."""
+    data = bytearray(base64.b64decode(png().split(",", 1)[1]))
+    at = data.index(chunk) + 4  # the chunk's first data byte
+    data[at] ^= 0x40
+    return "data:image/png;base64," + base64.b64encode(bytes(data)).decode()
+
+
+@pytest.mark.parametrize("coords, outcome, reason, size", [
+    (png(), "exact", None, (64, 48)),
+    ("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "failed", "not a readable PNG", (64, 48)),
+    (png(truncate=True), "failed", "not a readable PNG", (64, 48)),
+    (garbled(b"IDAT"), "failed", "not a readable PNG: garbled 'IDAT' chunk", (64, 48)),
+    (garbled(b"IHDR"), "failed", "not a readable PNG: garbled 'IHDR' chunk", (64, 48)),
+    ("data:image/png;base64,@@@", "failed", "not a readable PNG", (64, 48)),
+    (png(mode="L"), "failed", "no alpha channel", (64, 48)),
+    (png(size=(10, 10)), "skipped", "mask is 10x10, the image 64x48", (64, 48)),
+    (bomb(), "skipped", "mask is 20000x20000, the image 64x48", (64, 48)),  # from the header, nothing decoded
+    (bomb(), "failed", "over the limit of 268,435,456 (MAX_MASK_PIXELS)", (20000, 20000)),
 ])
-def test_binary_masks(coords, outcome, reason):
+def test_binary_masks(coords, outcome, reason, size):
     ann = box_annotation("m", type_="binary", coords=coords)
-    _, task, report = convert(image_item([ann], width=64, height=48))
+    _, task, report = convert(image_item([ann], width=size[0], height=size[1]))
     assert report.counts["binary"][outcome] == 1
     if reason:
         assert reason in report.problems[0].reason
@@ -61,25 +77,51 @@ def test_mask_threshold_is_dtlpys_alpha_over_127():
         assert bool(painted[15, 15]) is inside
 
 
-@pytest.mark.parametrize("metadata, error", [
-    ({"fps": 0, "system": {"fps": 25, "mimetype": "video/mp4", "width": 100, "height": 50}}, None),
-    ({"system": {"mimetype": "video/mp4", "width": 0, "height": 50, "fps": 25, "ffmpeg": {"width": 100}}}, None),
-    ({"fps": 25, "system": {"mimetype": "video/mp4", "width": 100, "height": 50, "duration": 1e308}}, "duration"),
-    ({"fps": 1e-300, "system": {"mimetype": "video/mp4", "width": 100, "height": 50}}, None),  # ignored, then ...
-    ({"fps": "abc", "system": {"mimetype": "video/mp4", "width": 100, "height": 50, "fps": 30}}, None),
+VIDEO = {"mimetype": "video/mp4", "width": 100, "height": 50}
+DEFAULT_FPS = "no fps in the item: Dataloop's default 25 used (pass --fps to set it)"
+
+
+@pytest.mark.parametrize("metadata, expected", [
+    # fps: the first field that is there decides; a nonsensical one fails the item, naming it
+    ({"fps": 0, "system": {**VIDEO, "fps": 25}}, "item metadata.fps 0 is not a frame rate"),
+    ({"fps": -25, "system": VIDEO}, "item metadata.fps -25 is not a frame rate"),
+    ({"fps": float("nan"), "system": VIDEO}, "item metadata.fps nan is not a frame rate"),
+    ({"fps": float("inf"), "system": VIDEO}, "item metadata.fps inf is not a frame rate"),
+    ({"fps": True, "system": VIDEO}, "item metadata.fps True is not a frame rate"),
+    ({"fps": "abc", "system": {**VIDEO, "fps": 30}}, "item metadata.fps 'abc' is not a frame rate"),
+    ({"fps": "", "system": VIDEO}, "item metadata.fps '' is not a frame rate"),
+    ({"fps": 1e-300, "system": VIDEO}, "item metadata.fps 1e-300 is not a frame rate"),
+    ({"fps": 1e6, "system": VIDEO}, "item metadata.fps 1000000.0 is not a frame rate"),
+    ({"system": {**VIDEO, "fps": 0}}, "item metadata.system.fps 0 is not a frame rate"),
+    ({"system": {**VIDEO, "ffmpeg": {"avg_frame_rate": "0/0"}}},
+     "item metadata.system.ffmpeg.avg_frame_rate '0/0' is not a frame rate"),
+    ({"fps": "29.97", "system": VIDEO}, 29.97),  # a numeric string is a number
+    ({"fps": None, "system": {**VIDEO, "fps": 30}}, 30.0),  # null is absent
+    ({"system": {**VIDEO, "ffmpeg": {"avg_frame_rate": "30000/1001"}}}, 30000 / 1001),
+    ({"system": VIDEO}, DEFAULT_FPS),  # no fps at all: Dataloop's default, reported
+    # size and duration
+    ({"system": {"mimetype": "video/mp4", "width": 0, "height": 50, "fps": 25, "ffmpeg": {"width": 100}}}, 25.0),
+    ({"fps": 25, "system": {**VIDEO, "duration": 1e308}}, "item duration 1e+308 is beyond any real media"),
 ])
-def test_item_metadata(metadata, error):
+def test_item_metadata(metadata, expected):
     item = {**video_item([box_annotation(end=3)]), "metadata": metadata}
-    if metadata.get("fps") == 1e-300:  # a denormal fps is not a frame rate: no fps at all
-        with pytest.raises(InputError, match="no fps"):
-            convert(item)
+    data = json.dumps(item).encode()  # as Python writes it: NaN and Infinity stay in the file
+    if isinstance(expected, str) and expected != DEFAULT_FPS:
+        with pytest.raises(InputError, match=re.escape(expected)):
+            item_tracks(decode_item(data, "test.json"), "test.json", MediaDefaults())
         return
-    if error:
-        with pytest.raises(InputError, match=error):
-            convert(item)
-        return
-    _, task, report = convert(item)
+    task, report = to_task(item_tracks(decode_item(data, "test.json"), "test.json", MediaDefaults()),
+                           ConvertOptions())
     assert report.counts["box"]["exact"] == 1
+    warned = [p.reason for p in report.problems if p.outcome == "warning"]
+    assert warned == ([DEFAULT_FPS] if expected == DEFAULT_FPS else [])
+    assert task["data"]["fps"] == (25.0 if expected == DEFAULT_FPS else expected)
+
+
+def test_fps_default_from_the_command_line_is_not_a_warning():
+    item = {**video_item([box_annotation(end=3)]), "metadata": {"system": VIDEO}}
+    _, task, report = convert(item, MediaDefaults(fps=30))
+    assert task["data"]["fps"] == 30 and not [p for p in report.problems if p.outcome == "warning"]
 
 
 def test_null_visibility_hides_like_dtlpy_and_annotations_null_is_empty():

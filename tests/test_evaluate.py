@@ -72,3 +72,23 @@ def test_rectangles_turn_about_their_top_left_corner():
     corners = ls_rect_corners(np.array([10.0]), np.array([20.0]), np.array([4.0]), np.array([2.0]), np.array([90.0]))
     # clockwise on screen (y down): the width now points down, the height to the left
     assert corners[0].round(9).tolist() == [[10, 20], [10, 24], [8, 24], [8, 20]]
+
+
+@pytest.mark.parametrize("ranges, covered", [
+    ([(2, 4), (3, 6)], [False, True, True, True, True, True, False]),  # overlapping
+    ([(5, 5), (1, 1)], [True, False, False, False, True, False, False]),  # unsorted, single frames
+    ([(6, 2), (4, 4)], [False, False, False, True, False, False, False]),  # a reversed range covers nothing
+    ([], [False] * 7),
+])
+def test_timeline_ranges_cover_their_frames_whatever_their_order(ranges, covered):
+    value = {"ranges": [{"start": a, "end": b} for a, b in ranges]}
+    assert timeline_at(value, np.arange(1, 8)).tolist() == covered
+
+
+def test_a_region_is_evaluated_the_same_on_any_slice_of_frames():
+    seq = [kf(3, 1.0), kf(9, 7.0, enabled=False), kf(12, 2.0)]
+    frames = np.arange(1, 20)
+    drawn, vals = video_rectangle_at(seq, frames)
+    for lo, hi in ((0, 5), (5, 11), (11, 19)):  # verify evaluates chunks of frames
+        d, v = video_rectangle_at(seq, frames[lo:hi])
+        assert (d == drawn[lo:hi]).all() and np.array_equal(v, vals[lo:hi], equal_nan=True)

@@ -49,3 +49,35 @@ def test_max_step_splits_half_turns():
     angle = np.linspace(0, 270, 10)[:, None]  # straight in angle, but 270 degrees at once
     keys, _ = keyframes(angle, np.array([1e-3]), max_step=np.array([180.0]))
     assert (np.diff(angle[keys, 0]) < 180).all()
+
+
+def replay_at(values: np.ndarray, keys: np.ndarray, at: np.ndarray) -> np.ndarray:
+    return np.column_stack([np.interp(at, at[keys], values[keys, c]) for c in range(values.shape[1])])
+
+
+@pytest.mark.parametrize("at, path, expected", [
+    ([0, 3, 4, 10], [0, 6, 8, 20], [0, 3]),              # straight at uneven positions
+    ([0, 9, 10, 30], [5, 5, 9, 9], [0, 1, 2, 3]),        # held, one step, held: both sides of the step
+    ([0, 5, 6, 100], [0, 0, 0, 0], [0, 3]),              # held throughout
+    ([0, 2, 3, 50, 51, 90], [0, 0, 1, 1, 0, 0], [0, 1, 2, 3, 4, 5]),
+    ([0, 10, 11, 12, 40], [0, 10, 11, 12, 40], [0, 4]),  # straight, some samples dense
+])
+def test_minimal_keyframes_at_frame_positions(at, path, expected):
+    values = np.array(path, float)[:, None]
+    keys, err = keyframes(values, np.array([5e-4]), at=np.array(at))
+    assert keys.tolist() == expected and err == 0.0
+
+
+def test_slow_curvature_at_uneven_positions_is_still_caught():
+    at = np.unique(np.concatenate([np.arange(0, 50_000, 7), [49_999]]))
+    values = np.column_stack([1e-11 * at * at, at.astype(float)])
+    keys, _ = keyframes(values, np.array([5e-4, 5e-4]), at=at)
+    assert len(keys) > 2
+    assert np.abs(replay_at(values, keys, at) - values).max() <= 5e-4
+
+
+def test_max_step_splits_half_turns_at_a_sample():
+    at = np.array([0, 4, 5, 9, 10, 20])
+    angle = np.array([0.0, 40, 80, 120, 160, 200])[:, None]  # straight in angle over uneven gaps
+    keys, _ = keyframes(angle, np.array([1e-3]), max_step=np.array([180.0]), at=at)
+    assert (np.diff(angle[keys, 0]) < 180).all() and set(keys.tolist()) <= set(range(len(at)))

@@ -6,8 +6,13 @@ is decided here, in one place (`held_index`): the nearest stored frame at or bef
 Dataloop's SDK reflects frames (`dtlpy/entities/reflect_dict.py`). An image annotation is a track
 of one frame.
 
-`keyframes` is the other rule that lives here: the fewest frames from which linear interpolation
-reproduces a dense per-frame signal within a tolerance.
+Nothing here is ever sized by the frame numbers an annotation names, only by the frames it
+stores: a held value is constant until the next stored frame, so the per-frame signal is exactly
+the piecewise-linear interpolation of its values on `sample_frames` (each stored frame, the frame
+before it, and the range's ends), and runs are unions of stored frames' intervals.
+
+`keyframes` is the other rule that lives here: the fewest samples from which linear interpolation
+(at the samples' frame positions) reproduces the samples within a tolerance.
 
 Pure: no I/O. Imports the Dataloop model, never the Label Studio side.
 """
@@ -16,17 +21,18 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from bisect import bisect_right
+from dataclasses import dataclass, field
 from itertools import chain
 from operator import attrgetter
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from dl2ls.dataloop.model import (
     Annotation, Item, Media, MediaDefaults, Point, annotation_ref, decode_annotation, item_id, media_of, require_media,
 )
-from dl2ls.report import InputError
+from dl2ls.report import InputError, describe
 
 #: What "exact" means: every frame within a thousandth of a pixel (floats, not luck).
 EXACT_PX = 1e-3
@@ -53,6 +59,7 @@ class Track:
     confidence: float | None = None
     description: str | None = None
     warnings: list[str] | None = None  # what was dropped from an annotation that still converts
+    approximations: list[str] | None = None  # what of the Dataloop timeline is not carried over
 
     @property
     def start(self) -> int:
@@ -69,6 +76,10 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- from Dataloop
+
+
+class OutsideVideo(InputError):
+    """An annotation with no frame inside the video: skipped (with the reason), not failed."""
 
 
 def from_dataloop(ann: Annotation, ann_id: str, media: Media, origin: str) -> Track:
@@ -94,14 +105,26 @@ def from_dataloop(ann: Annotation, ann_id: str, media: Media, origin: str) -> Tr
             keep = [last[f] for f in sorted(last)]
             frames, coords, labels = [frames[i] for i in keep], [coords[i] for i in keep], [labels[i] for i in keep]
             visible, attrs = [visible[i] for i in keep], [attrs[i] for i in keep]
+    approximations: list[str] = []
     if media.kind == "video":
         if frames[0] < 0:
             raise InputError(origin, ann_id, f"negative frame {frames[0]}")
         end = max(frames[-1], system.endFrame or 0)
-        limit = max_frame(media)
-        if end > limit:
-            raise InputError(origin, ann_id, f"frame {end} is beyond the video ({media.frames_count or 'no'} frames; "
-                                             f"at most {limit} accepted)")
+        if media.frames_count and end >= media.frames_count:
+            # the video's end is known: what lies past it is never shown, the rest converts
+            last = media.frames_count - 1
+            if frames[0] > last:
+                raise OutsideVideo(origin, ann_id, f"starts at frame {frames[0]}, past the video's end "
+                                                   f"({media.frames_count} frames)")
+            keep = bisect_right(frames, last)
+            frames, coords, labels = frames[:keep], coords[:keep], labels[:keep]
+            visible, attrs = visible[:keep], attrs[:keep]
+            approximations.append(f"span runs to frame {end}, past the video's end ({media.frames_count} "
+                                  f"frames): clipped to frames {frames[0]}-{last}")
+            end = last
+        elif not media.frames_count and end > MAX_FRAME:
+            raise InputError(origin, ann_id, f"frame {end} is beyond the video (its length is unknown; "
+                                             f"at most {MAX_FRAME} accepted)")
     else:
         frames, end = [0], 0
 
@@ -122,20 +145,14 @@ def from_dataloop(ann: Annotation, ann_id: str, media: Media, origin: str) -> Tr
         confidence=confidence,
         description=_text(ann.description),
         warnings=warnings or None,
+        approximations=approximations or None,
     )
 
 
-#: No annotation may reach past this frame: a day of 60 fps video. Tracks are held as dense
-#: per-frame arrays, so a corrupt `endFrame` of 10**12 must be refused, not allocated.
+#: In a video of unknown length no annotation may reach past this frame (a day of 60 fps video):
+#: nothing here grows with it, but Label Studio's `framesCount` and `verify`'s frame-by-frame
+#: check do, and an `endFrame` of 10**12 is a corrupt export, not a video.
 MAX_FRAME = 5_184_000
-
-
-def max_frame(media: Media) -> int:
-    """The last frame an annotation may name: a little past the video's end when its length is
-    known (Dataloop extends spans past endFrame), else MAX_FRAME."""
-    if media.frames_count:
-        return min(MAX_FRAME, 2 * media.frames_count + 1000)
-    return MAX_FRAME
 
 
 def _confidence(value: Any, warnings: list[str]) -> float | None:
@@ -300,31 +317,51 @@ def held_index(track: Track, frames: np.ndarray) -> np.ndarray:
 
 def runs(track: Track) -> list[Run]:
     """Split a track's visible frames where the label changes (Label Studio regions carry one
-    label), each run as inclusive ranges of visible frames; hidden frames are left out."""
+    label), each run as inclusive ranges of visible frames; hidden frames are left out.
+
+    Works on the stored frames' intervals (stored frame i holds until the next one), never on
+    the frames in between."""
     if track.visible.all() and track.labels.count(track.labels[0]) == len(track.labels):
         return [Run(track.labels[0], [(track.start, track.end)], 0)]  # the common case
-    dense = np.arange(track.start, track.end + 1)
-    idx = held_index(track, dense)
-    vis = track.visible[idx]
-    if not vis.any():
+    shown = np.flatnonzero(track.visible)
+    if not len(shown):
         return []
+    firsts = track.frames
+    lasts = np.empty_like(firsts)
+    lasts[:-1] = firsts[1:] - 1
+    lasts[-1] = track.end
     codes = {label: i for i, label in enumerate(dict.fromkeys(track.labels))}
-    label_code = np.fromiter((codes[label] for label in track.labels), dtype=np.int64, count=len(track.labels))
-    vis_frames = dense[vis]
-    vis_idx = idx[vis]
-    vis_labels = label_code[vis_idx]
-    cuts = np.flatnonzero(np.diff(vis_labels)) + 1
+    label_code = np.fromiter((codes[track.labels[i]] for i in shown.tolist()), dtype=np.int64, count=len(shown))
+    # a run ends where the label of the next visible interval differs (hidden ones in between or not)
+    cuts = np.flatnonzero(np.diff(label_code)) + 1
     out = []
-    for part_frames, part_idx in zip(np.split(vis_frames, cuts), np.split(vis_idx, cuts)):
-        gaps = np.flatnonzero(np.diff(part_frames) > 1)
-        starts = np.concatenate([[part_frames[0]], part_frames[gaps + 1]])
-        ends = np.concatenate([part_frames[gaps], [part_frames[-1]]])
-        out.append(Run(
-            label=track.labels[int(part_idx[0])],
-            ranges=[(int(a), int(b)) for a, b in zip(starts, ends)],
-            first_index=int(part_idx[0]),
-        ))
+    for part in np.split(shown, cuts):
+        a, b = firsts[part], lasts[part]
+        gaps = np.flatnonzero(a[1:] != b[:-1] + 1)  # a hidden interval between two visible ones
+        starts = np.concatenate([a[:1], a[gaps + 1]]).tolist()
+        ends = np.concatenate([b[gaps], b[-1:]]).tolist()
+        out.append(Run(label=track.labels[int(part[0])], ranges=list(zip(starts, ends)), first_index=int(part[0])))
     return out
+
+
+def sample_frames(track: Track, first: int, last: int) -> np.ndarray:
+    """The frames of [first, last] where the held per-frame signal can bend: the ends, each stored
+    frame inside, and the frame before it (the last one held). Between two samples the signal is
+    linear in the frame (constant, or one step between neighbours), so anything linear that
+    matches it on the samples matches it on every frame; the samples grow with the stored frames,
+    never with the span."""
+    lo, hi = np.searchsorted(track.frames, [first, last], side="right").tolist()
+    if hi - lo == last - first:  # a stored frame on every frame (tracker output)
+        return np.arange(first, last + 1)
+    inner = track.frames[lo:hi]
+    out = np.empty(2 * len(inner) + 2, dtype=np.int64)
+    out[0], out[-1] = first, last
+    out[1:-1:2] = inner - 1
+    out[2:-1:2] = inner
+    keep = np.empty(len(out), dtype=bool)  # sorted already: drop repeats (stored neighbours)
+    keep[0] = True
+    np.not_equal(out[1:], out[:-1], out=keep[1:])
+    return out[keep]
 
 
 # ----------------------------------------------------------------------------- geometry helpers
@@ -367,53 +404,65 @@ def box_corners(cx, cy, w, h, angle_deg) -> np.ndarray:
 
 
 def keyframes(values: np.ndarray, tol: np.ndarray, max_step: np.ndarray | None = None,
-              lossy: bool = False, row_error: Callable | None = None) -> tuple[np.ndarray, float]:
-    """The fewest frames from which piecewise-linear interpolation reproduces `values`.
+              lossy: bool = False, row_error: Callable | None = None,
+              at: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """The fewest rows from which piecewise-linear interpolation reproduces `values`.
 
-    `values` is (n, k): one row per consecutive frame, one column per interpolated quantity;
-    `tol` is the allowed error per column; `max_step` (per column, inf where unbounded) forbids a
-    segment whose end values differ by that much or more (an angle interpolated the short way round
-    must not turn half a turn). Returns (row indices of the keyframes, the largest error of
-    columns 0..3 introduced, in the columns' unit).
+    `values` is (n, k): one row per sample, one column per interpolated quantity; `at` gives the
+    samples' frame positions (increasing; default 0..n-1, consecutive frames); `tol` is the
+    allowed error per column; `max_step` (per column, inf where unbounded) forbids a segment whose
+    end values differ by that much or more (an angle interpolated the short way round must not
+    turn half a turn). Returns (row indices of the keyframes, the largest error of columns 0..3
+    introduced, in the columns' unit).
 
-    Exact data: a frame must be a keyframe iff the slope changes there (the second difference is
-    not zero), which finds the minimal set in one vectorised pass; a verification pass then adds
-    frames wherever small slope changes would otherwise add up beyond `tol`. Lossy (`lossy=True`):
-    Douglas-Peucker refinement from the two ends; `row_error(values, replayed)` may measure each
-    row's error in units of the tolerance (e.g. at a rectangle's corners) instead of per column."""
+    Exact data: a row must be a keyframe iff the slope changes there, which finds the minimal set
+    in one vectorised pass; a verification pass then adds rows wherever small slope changes would
+    otherwise add up beyond `tol`. Lossy (`lossy=True`): Douglas-Peucker refinement from the two
+    ends; `row_error(values, replayed)` may measure each row's error in units of the tolerance
+    (e.g. at a rectangle's corners) instead of per column."""
     n = len(values)
     if n <= 2:
         return np.arange(n), 0.0
+    x = None if at is None or at[-1] - at[0] == n - 1 else at  # None: consecutive frames
     if lossy:
         keys = np.array([0, n - 1])
     else:
-        # a second difference above `bend` (far above float noise) is a bend of the path
-        bend = tol * BEND_FRACTION
-        d2 = np.abs(values[2:] - 2 * values[1:-1] + values[:-2])
-        keys = np.flatnonzero(np.concatenate(([True], (d2 > bend).any(axis=1), [True])))
-        # between two keyframes every |second difference| <= bend, so a frame strays from the
-        # chord by at most bend * L**2 / 8 (L the segment length): no check is needed below that
-        longest = int(np.max(np.diff(keys)))
-        turns_too_far = max_step is not None and _jumps(values, keys, max_step).any()
-        if longest * longest * BEND_FRACTION / 8 <= 1.0 and not turns_too_far:
+        if x is None:  # the slope changes are the second differences
+            bends = np.abs(values[2:] - 2 * values[1:-1] + values[:-2])
+        else:
+            slopes = np.diff(values, axis=0) / np.diff(x)[:, None]
+            bends = np.abs(slopes[1:] - slopes[:-1])
+        # a slope change above BEND_FRACTION of the tolerance (far above float noise) is a bend
+        bent = (bends > tol * BEND_FRACTION).any(axis=1)
+        keys = np.flatnonzero(np.concatenate(([True], bent, [True])))
+        # a segment strays from its chord by at most (its length / 4) x the sum of the slope
+        # changes inside it, each at most BEND_FRACTION of the tolerance: below the tolerance (or,
+        # for long segments, with the changes actually left) no check is needed
+        most = int(np.diff(keys).max())  # samples in the longest segment
+        span = most if x is None else int(np.diff(x[keys]).max())  # frames in the longest segment
+        safe = span * most * BEND_FRACTION <= 4.0 or \
+            span * float((np.where(bent[:, None], 0.0, bends).sum(axis=0) / tol).sum()) <= 4.0
+        if safe and not (max_step is not None and _jumps(values, keys, max_step).any()):
             return keys, 0.0
     rows = np.arange(n)
     while True:
         if len(keys) == n:
             return keys, 0.0
         seg = np.minimum(np.searchsorted(keys, rows, side="right") - 1, len(keys) - 2)
-        replayed = interpolate(values, keys, seg)
+        replayed = interpolate(values, keys, seg, at=x)
         err = np.abs(replayed - values)
         excess = (err / tol).max(axis=1) if row_error is None else row_error(values, replayed)
         add = []
         bad = np.flatnonzero(excess > 1.0)
         if len(bad):
-            # the worst frame of each offending segment becomes a keyframe
+            # the worst row of each offending segment becomes a keyframe
             order = np.lexsort((-excess[bad], seg[bad]))
             bad_sorted = bad[order]
             first = np.concatenate(([True], np.diff(seg[bad_sorted]) != 0))
             add.extend(bad_sorted[first].tolist())
         if max_step is not None:
+            # split a half turn at its middle sample; two neighbouring samples that differ are
+            # neighbouring frames (a held value does not change), with nothing between to draw
             for i in np.flatnonzero(_jumps(values, keys, max_step)):
                 a, b = int(keys[i]), int(keys[i + 1])
                 if b - a > 1:
@@ -423,16 +472,19 @@ def keyframes(values: np.ndarray, tol: np.ndarray, max_step: np.ndarray | None =
         keys = np.union1d(keys, np.asarray(add, dtype=keys.dtype))
 
 
-def interpolate(values: np.ndarray, keys: np.ndarray, seg: np.ndarray | None = None) -> np.ndarray:
-    """Every row as linear interpolation between the keyframe rows around it (all columns)."""
+def interpolate(values: np.ndarray, keys: np.ndarray, seg: np.ndarray | None = None,
+                at: np.ndarray | None = None) -> np.ndarray:
+    """Every row as linear interpolation between the keyframe rows around it (all columns), at
+    the rows' frame positions `at` (default 0..n-1)."""
     rows = np.arange(len(values))
     if len(keys) < 2:
         return values[np.zeros(len(values), dtype=int)] if len(keys) else values.copy()
     if seg is None:
         seg = np.minimum(np.searchsorted(keys, rows, side="right") - 1, len(keys) - 2)
     k0, k1 = keys[seg], keys[seg + 1]
+    x = rows if at is None else at
     v0 = values[k0]
-    return v0 + (values[k1] - v0) * ((rows - k0) / (k1 - k0))[:, None]
+    return v0 + (values[k1] - v0) * ((x - x[k0]) / (x[k1] - x[k0]))[:, None]
 
 
 BEND_FRACTION = 1e-6  # of the tolerance; floats carry ~1e-13 of a coordinate, far below
@@ -465,24 +517,35 @@ class ItemInfo:
     media: Media
 
 
+class Dropped(NamedTuple):
+    """An annotation that did not become a track, and why."""
+
+    type: str  # the Dataloop annotation type
+    annotation: str  # its reference (id, or ann<index>)
+    reason: str
+
+
 @dataclass(slots=True)
 class ItemTracks:
     info: ItemInfo
     tracks: list[Track]
-    failures: list[tuple[str, str, str]]  # (dataloop type, annotation ref, reason)
+    failures: list[Dropped]  # bad input
     stored_frames: int = 0
+    skipped: list[Dropped] = field(default_factory=list)  # good input with nothing to show (e.g. past the video)
 
 
 def item_tracks(item: Item, origin: str, defaults: MediaDefaults) -> ItemTracks:
     """Decode every annotation of an item and build its tracks. A bad annotation is recorded as a
-    failure and the others still convert; a bad item (no size, no fps) raises InputError."""
+    failure and the others still convert; a bad item (no size, a nonsensical fps) raises
+    InputError."""
     decoded: list[tuple[int, Annotation]] = []
-    failures: list[tuple[str, str, str]] = []
+    failures: list[Dropped] = []
+    skipped: list[Dropped] = []
     for index, raw in enumerate(item.annotations or []):
         try:
             decoded.append((index, decode_annotation(raw, origin, index)))
         except InputError as err:
-            failures.append((_type_of(raw), err.annotation or f"ann{index}", err.reason))
+            failures.append(Dropped(_type_of(raw), err.annotation or f"ann{index}", err.reason))
     media = media_of(item, [a for _, a in decoded], defaults, origin)
     require_media(media, origin)
     tracks, stored, seen = [], 0, set()
@@ -494,8 +557,14 @@ def item_tracks(item: Item, origin: str, defaults: MediaDefaults) -> ItemTracks:
         seen.add(ref)
         try:
             track = from_dataloop(ann, ref, media, origin)
+        except OutsideVideo as err:
+            skipped.append(Dropped(ann.type, ref, err.reason))
+            continue
         except InputError as err:
-            failures.append((ann.type, ref, err.reason))
+            failures.append(Dropped(ann.type, ref, err.reason))
+            continue
+        except Exception as err:  # noqa: BLE001 - unforeseen: this annotation fails alone, the item goes on
+            failures.append(Dropped(ann.type, ref, describe(err)))
             continue
         if duplicate:
             track.warnings = (track.warnings or []) + [f"annotation id repeated in the item: converted as {ref}"]
@@ -503,7 +572,7 @@ def item_tracks(item: Item, origin: str, defaults: MediaDefaults) -> ItemTracks:
         stored += len(track.frames)
     name = item.name or (item.filename.rsplit("/", 1)[-1] if item.filename else None)
     info = ItemInfo(origin, item_id(item), item.datasetId, name, item.filename, item.dir, item.stream, media)
-    return ItemTracks(info, tracks, failures, stored)
+    return ItemTracks(info, tracks, failures, stored, skipped)
 
 
 def _type_of(raw: Any) -> str:
@@ -512,5 +581,5 @@ def _type_of(raw: Any) -> str:
     try:
         obj = json.loads(bytes(raw))
         return str(obj.get("type") or "unknown") if isinstance(obj, dict) else "unknown"
-    except ValueError:
+    except (ValueError, RecursionError):  # it failed to decode: its type is a best guess for the report
         return "unknown"

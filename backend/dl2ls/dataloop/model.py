@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -166,6 +166,7 @@ class Media:
     fps: float | None = None
     frames_count: int | None = None
     duration: float | None = None
+    notes: list[str] = field(default_factory=list)  # what the report should warn about the item
 
 
 @dataclass(slots=True)
@@ -179,39 +180,59 @@ class MediaDefaults:
 
 def decode_json(data: bytes | memoryview, origin: str) -> Any:
     """Decode a JSON document; NaN/Infinity (which Python's json writes) are accepted so that the
-    annotations holding them can be reported one by one instead of losing the whole file."""
+    annotations holding them can be reported one by one instead of losing the whole file. Input
+    nested too deeply, or not UTF-8, is an InputError like any other bad JSON."""
     if not len(data) or not bytes(data[:4096]).strip():
         raise InputError(origin, None, "empty file")
     try:
         return _any_decoder.decode(data)
-    except msgspec.DecodeError as err:
-        try:
-            return json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError):
-            raise InputError(origin, None, f"not valid JSON ({_short(err)})") from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
+        first = err
+    try:
+        return json.loads(bytes(data))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        if isinstance(first, msgspec.DecodeError) and isinstance(err, RecursionError):
+            first = err
+        reason = _short(first)
+        raise InputError(origin, None, reason if isinstance(first, (UnicodeDecodeError, RecursionError))
+                         else f"not valid JSON ({reason})") from None
 
 
 def decode_item(data: bytes | memoryview, origin: str) -> Item:
     """Decode one item in one pass; when that fails, keep the annotations raw so that each is
     decoded (and fails) on its own in `decode_annotation`."""
+    # msgspec raises UnicodeDecodeError for bytes that are not UTF-8 and RecursionError for input
+    # nested deeper than Python's stack: both are bad input, reported like a malformed document
     try:
         return _typed_item_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         data = bytes(data)  # raw annotations refer to their buffer: give them their own
     try:
         return _item_decoder.decode(data)
     except msgspec.ValidationError as err:
         raise InputError(origin, None, f"not a Dataloop item: {_short(err)}") from None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         doc = decode_json(data, origin)  # raises the precise JSON error, or tolerates NaN
         return item_from_object(doc, origin)
 
 
 def item_from_object(doc: Any, origin: str) -> Item:
     try:
-        return msgspec.convert(_raw_annotations(doc), _RawItem)
+        item = msgspec.convert(_raw_annotations(doc), _RawItem)
     except msgspec.ValidationError as err:
         raise InputError(origin, None, f"not a Dataloop item: {_short(err)}") from None
+    except RecursionError as err:
+        raise InputError(origin, None, _short(err)) from None
+    # Python's json (the NaN fallback) accepts escaped lone surrogates ("\udc80") that msgspec
+    # refuses and that no JSON writer accepts later: the item's own texts must be real Unicode
+    for value in (item.id, item.id_, item.datasetId, item.dir, item.filename, item.name, item.stream):
+        if value is not None and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(origin, None, f"not a Dataloop item: {ascii(value)[:80]} holds a lone UTF-16 "
+                                               "surrogate, not a character") from None
+    return item
 
 
 def _raw_annotations(doc: Any) -> Any:
@@ -233,20 +254,29 @@ def decode_annotation(raw: Annotation | msgspec.Raw | bytes, origin: str, index:
         return raw
     try:
         ann = _annotation_decoder.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as err:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
         obj = None
         try:
             obj = json.loads(bytes(raw))
-        except ValueError:
+        except (ValueError, RecursionError):  # not UTF-8 (a ValueError), or nested too deeply
             pass
         ann_id = _id_of(obj, index)
-        if isinstance(obj, dict):
-            try:
-                ann = msgspec.convert(obj, Annotation)
-            except msgspec.ValidationError as err2:
-                raise InputError(origin, ann_id, _short(err2)) from None
-        else:
+        if not ann_id.isascii():  # an id that is itself a lone surrogate must not reach the report
+            ann_id = ann_id.encode("utf-8", "backslashreplace").decode("utf-8")
+        if not isinstance(obj, dict):
             raise InputError(origin, ann_id, _short(err)) from None
+        try:
+            ann = msgspec.convert(obj, Annotation)
+            # what json accepted and msgspec refused may be lone surrogates ("\udc80"): texts that
+            # would stop the task from being written; msgspec's encoder refuses them as orjson does
+            msgspec.json.encode(obj)
+        except msgspec.ValidationError as err2:
+            raise InputError(origin, ann_id, _short(err2)) from None
+        except UnicodeEncodeError:
+            raise InputError(origin, ann_id, "a text holds a lone UTF-16 surrogate, not a character "
+                                             "(e.g. an escaped \\udc80)") from None
+        except RecursionError as err2:
+            raise InputError(origin, ann_id, _short(err2)) from None
     return ann
 
 
@@ -263,6 +293,10 @@ def _id_of(obj: Any, index: int) -> str:
 
 
 def _short(err: Exception) -> str:
+    if isinstance(err, RecursionError):
+        return "nested too deeply to read"
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{err.object[err.start]:02x} in a string)"
     return str(err).splitlines()[0][:300]
 
 
@@ -276,8 +310,8 @@ def item_id(item: Item) -> str | None:
 def media_of(item: Item | None, annotations: list[Annotation], defaults: MediaDefaults, origin: str) -> Media:
     """Decide whether the item is a video or an image and read its size and clock.
 
-    Metadata in the item wins; the command-line defaults fill what is missing. Missing size or fps
-    is an error for the whole item (no silent 25 fps as the SDK does)."""
+    Metadata in the item wins; the command-line defaults fill what is missing. Missing size is an
+    error for the whole item; for fps see `_fps`."""
     md = item.metadata if item is not None else None
     system = md.system if md is not None and md.system is not None else ItemSystem()
     ff = system.ffmpeg or Ffmpeg()
@@ -296,27 +330,47 @@ def media_of(item: Item | None, annotations: list[Annotation], defaults: MediaDe
     if kind == "image":
         return Media("image", width, height)
 
-    fps = (
-        _positive(md.fps if md is not None else None, "fps", origin)
-        or _positive(system.fps, "fps", origin)
-        or _rate(ff.avg_frame_rate)
-        or defaults.fps
-    )
+    notes: list[str] = []
+    fps = _fps(md, system, ff, defaults, origin, notes)
     frames = _count(system.nb_frames) or _count(ff.nb_read_frames)
     duration = _positive(system.duration, "duration", origin)
     if frames is None and duration and fps:
         frames = round(duration * fps)
     if duration is None and frames and fps:
         duration = frames / fps
-    return Media("video", width, height, fps, frames, duration)
+    return Media("video", width, height, fps, frames, duration, notes)
+
+
+#: What dtlpy assumes when an item has no fps (`entities/annotation_collection.py`, `from_json(fps=25)`).
+DATALOOP_DEFAULT_FPS = 25.0
+
+
+def _fps(md: ItemMetadata | None, system: ItemSystem, ff: Ffmpeg, defaults: MediaDefaults, origin: str,
+         notes: list[str]) -> float:
+    """The item's frame rate: the first of its fps fields that is there (null is not), else the
+    --fps default, else Dataloop's own default of 25, reported. A field that is there but holds no
+    frame rate (0, negative, NaN, a word, absurdly large) fails the item: guessing would shift
+    every frame in time."""
+    fields = (("metadata.fps", md.fps if md is not None else None), ("metadata.system.fps", system.fps),
+              ("metadata.system.ffmpeg.avg_frame_rate", ff.avg_frame_rate))
+    for name, value in fields:
+        if value is None:
+            continue
+        rate = _rate(value)
+        if rate is None or not FLOORS["fps"] <= rate <= LIMITS["fps"]:
+            raise InputError(origin, None, f"item {name} {repr(value)[:80]} is not a frame rate "
+                                           f"(expected a number of frames per second up to {LIMITS['fps']:g})")
+        return rate
+    if defaults.fps:
+        return defaults.fps
+    notes.append(f"no fps in the item: Dataloop's default {DATALOOP_DEFAULT_FPS:g} used (pass --fps to set it)")
+    return DATALOOP_DEFAULT_FPS
 
 
 def require_media(media: Media, origin: str) -> None:
     missing = []
     if not media.width or not media.height:
         missing.append("size (pass --width/--height)")
-    if media.kind == "video" and not media.fps:
-        missing.append("fps (pass --fps)")
     if missing:
         raise InputError(origin, None, f"{media.kind} item has no " + " and no ".join(missing))
 
@@ -353,12 +407,18 @@ def _count(value: Any) -> int | None:
 
 
 def _rate(value: Any) -> float | None:
-    """ffprobe's "30000/1001"."""
-    if not isinstance(value, str) or "/" not in value:
+    """A number, a numeric string ("29.97") or ffprobe's fraction ("30000/1001"); else None."""
+    if isinstance(value, bool):
         return None
-    num, _, den = value.partition("/")
-    try:
-        rate = float(num) / float(den)
-    except (ValueError, ZeroDivisionError):
-        return None
-    return rate if math.isfinite(rate) and 0 < rate <= LIMITS["fps"] else None
+    if isinstance(value, str) and "/" in value:
+        num, _, den = value.partition("/")
+        try:
+            rate = float(num) / float(den)
+        except (ValueError, ZeroDivisionError):
+            return None
+    else:
+        try:
+            rate = float(value)
+        except (TypeError, ValueError):
+            return None
+    return rate if math.isfinite(rate) else None

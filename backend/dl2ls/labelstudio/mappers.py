@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import io
+import zlib
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,6 +24,7 @@ from dl2ls.labelstudio.config import Control, LabelConfig, ObjectTag
 from dl2ls.labelstudio.evaluate import ls_rect_corners
 from dl2ls.tracks import (
     EXACT_PX, Media, Run, Track, angle_tolerance_deg, bounding_boxes, held_index, interpolate, keyframes, runs,
+    sample_frames,
 )
 
 DIGITS = 6  # percent decimals: 1e-6 % of an 8K frame is 1e-4 px, well inside EXACT_PX
@@ -89,7 +92,8 @@ class Outcome:
 
 def video_rectangles(track: Track, track_runs: list[Run], ctx: Context, control: Control, labels: list[str]):
     """`videorectangle`: one region per label run; within each visible range the fewest keyframes
-    that reproduce every frame under the editor's linear interpolation."""
+    that reproduce every frame under the editor's linear interpolation. Only the range's samples
+    (`sample_frames`) are looked at: matching them matches every frame in between."""
     boxes = ls_rect_px(bounding_boxes(track))
     turning = bool(np.any(boxes[:, 4] != boxes[0, 4]))
     diagonal = float(np.max(np.hypot(boxes[:, 2], boxes[:, 3])))
@@ -103,13 +107,13 @@ def video_rectangles(track: Track, track_runs: list[Run], ctx: Context, control:
     for run, label in zip(track_runs, labels):
         sequence = []
         for a, b in run.ranges:
-            frames = np.arange(a, b + 1)
+            frames = sample_frames(track, a, b)
             values = boxes[held_index(track, frames)]
             if turning:
                 values[:, 4] = np.unwrap(values[:, 4], period=360.0)
-            keys, err = keyframes(values, tol, max_step, lossy=ctx.lossy, row_error=row_error)
+            keys, err = keyframes(values, tol, max_step, lossy=ctx.lossy, row_error=row_error, at=frames)
             if ctx.lossy:
-                err = float(_corner_errors(values, interpolate(values, keys)).max())
+                err = float(_corner_errors(values, interpolate(values, keys, at=frames)).max())
             worst = max(worst, err)
             kv = values[keys] * scale  # percent of the frame size (see `percent`)
             kv[:, 4] = np.mod(kv[:, 4], 360.0)
@@ -214,26 +218,342 @@ def ellipse_labels(track: Track, track_runs, ctx: Context, control: Control, lab
 
 
 def brush_labels(track: Track, track_runs, ctx: Context, control: Control, labels):
-    """`brushlabels`: Dataloop's RGBA PNG (mask = alpha > 0) as Label Studio's RLE, painted 255."""
-    from PIL import Image  # decoding a data URL held in memory, not I/O
-    from label_studio_sdk.converter.brush import mask2rle
-
+    """`brushlabels`: Dataloop's RGBA PNG (mask = alpha > 127, as dtlpy reads it) as Label Studio's
+    RLE, painted 255."""
     url = track.geometry[0]
-    w, h = int(ctx.media.width), int(ctx.media.height)
     try:
-        png = base64.b64decode(url.split(",", 1)[1], validate=False)
-        with Image.open(io.BytesIO(png)) as img:
-            if img.size != (w, h):  # read from the header, before any pixel is decoded
-                raise _Skip(f"mask is {img.size[0]}x{img.size[1]}, the image {w}x{h}")
-            if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
-                raise ValueError(f"mask PNG has no alpha channel (mode {img.mode}): Dataloop's mask is its alpha")
-            alpha = np.asarray(img.convert("RGBA"))[:, :, 3]
-    except (OSError, Image.DecompressionBombError) as err:
+        png = base64.b64decode(url[url.index(",") + 1:], validate=False)
+    except ValueError as err:
         raise ValueError(f"mask is not a readable PNG: {err}") from None
-    # dtlpy's Segmentation reads a pixel as inside where alpha > 127; the editor paints 255
-    mask = np.where(alpha > 127, 255, 0).astype(np.uint8)
-    value = {"format": "rle", "rle": mask2rle(mask), "brushlabels": [labels[0]]}
-    return [("brushlabels", track_runs[0], value)], 0.0, 0
+    rle = mask_rle(png, int(ctx.media.width), int(ctx.media.height))
+    return [("brushlabels", track_runs[0], {"format": "rle", "rle": rle, "brushlabels": [labels[0]]})], 0.0, 0
+
+
+# ----------------------------------------------------------------------------- masks
+#
+# A mask PNG is read in strips of rows, straight from its compressed data, and only the alpha
+# channel is kept, as runs of inside/outside pixels: memory follows one strip and the runs, never
+# the image (11000 x 11000 pixels would be 484 MB as RGBA, and mask2rle copies it 4 times over).
+# The chunks are walked here (CRCs checked); Pillow only unfilters each strip's alpha bytes.
+
+#: Decoding costs time for every pixel a PNG names, however few bytes it stores (deflate packs
+#: 1,000 pixels in a byte): a mask over this many pixels (16384 x 16384) is refused, by name.
+MAX_MASK_PIXELS = 1 << 28
+#: Interlaced PNGs cannot be read in strips; Pillow decodes them whole, up to this many pixels.
+MAX_WHOLE_MASK_PIXELS = 1 << 24
+#: Inside/outside changes in reading order: a few bytes of RLE each, and the editor decodes them all.
+MAX_MASK_RUNS = 2_000_000
+STRIP_BYTES = 1 << 22  # of decoded rows at a time
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
+
+
+@dataclass(slots=True)
+class PngMask:
+    """What a mask PNG's chunks say, before any pixel is decoded."""
+
+    png: bytes
+    width: int
+    height: int
+    depth: int  # bits per sample
+    color: int  # PNG colour type
+    interlaced: bool
+    idat: list[memoryview]  # the compressed image data, in order
+    palette_alpha: bytes | None = None  # tRNS of a palette PNG: alpha per palette entry
+    key: bytes | None = None  # tRNS of a grey or RGB PNG: the one transparent colour, raw
+
+    @classmethod
+    def read(cls, png: bytes) -> "PngMask":
+        """Walk the chunks, checking each one's CRC (a garbled chunk is a bad PNG)."""
+        if png[:8] != _PNG_SIGNATURE:
+            raise ValueError("no PNG signature")
+        view, pos, out = memoryview(png), 8, None
+        idat, trns = [], None
+        while pos < len(png):
+            if pos + 12 > len(png):
+                raise ValueError("truncated chunk")
+            length, kind = int.from_bytes(view[pos:pos + 4], "big"), bytes(view[pos + 4:pos + 8])
+            data = view[pos + 8:pos + 8 + length]
+            if len(data) < length or pos + 12 + length > len(png):
+                raise ValueError(f"truncated {kind.decode('latin-1')!r} chunk")
+            if zlib.crc32(data, zlib.crc32(kind)) != int.from_bytes(view[pos + 8 + length:pos + 12 + length], "big"):
+                raise ValueError(f"garbled {kind.decode('latin-1')!r} chunk (its CRC does not match)")
+            pos += 12 + length
+            if kind == b"IHDR":
+                if length != 13:
+                    raise ValueError("bad IHDR chunk")
+                w, h = int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big")
+                depth, color, compression, filtering, interlace = bytes(data[8:13])
+                if not w or not h or color not in _DEPTHS or depth not in _DEPTHS[color] or compression or \
+                        filtering or interlace > 1:
+                    raise ValueError("bad IHDR chunk")
+                out = cls(png, w, h, depth, color, bool(interlace), idat)
+            elif out is None:
+                raise ValueError("no IHDR chunk first")
+            elif kind == b"IDAT":
+                idat.append(data)
+            elif kind == b"tRNS":
+                trns = bytes(data)
+            elif kind == b"IEND":
+                break
+        if out is None or not idat:
+            raise ValueError("no image data")
+        if trns is not None:
+            if out.color == 3:
+                out.palette_alpha = trns
+            elif out.color in (0, 2) and len(trns) == 2 * _CHANNELS[out.color]:
+                out.key = trns
+        return out
+
+    @property
+    def has_alpha(self) -> bool:
+        return self.color in (4, 6) or self.palette_alpha is not None or self.key is not None
+
+    @property
+    def row_bytes(self) -> int:
+        return (self.width * _CHANNELS[self.color] * self.depth + 7) // 8
+
+    @property
+    def filter_unit(self) -> int:
+        """Bytes per pixel as PNG filters count them (at least 1)."""
+        return max(1, _CHANNELS[self.color] * self.depth // 8)
+
+
+def mask_rle(png: bytes, width: int, height: int) -> list[int]:
+    """A mask PNG as Label Studio's brush RLE (what `label_studio_sdk.converter.brush.mask2rle`
+    gives for the 0/255 mask, without ever holding the mask). Raises `_Skip` for a mask of
+    another size, ValueError (with the reason) for anything unreadable or over a limit."""
+    try:
+        head = PngMask.read(png)
+    except ValueError as err:
+        raise ValueError(f"mask is not a readable PNG: {err}") from None
+    if (head.width, head.height) != (width, height):  # from the header, before any pixel is decoded
+        raise _Skip(f"mask is {head.width}x{head.height}, the image {width}x{height}")
+    pixels = width * height
+    if pixels > MAX_MASK_PIXELS:
+        raise ValueError(f"mask of {width}x{height} = {pixels:,} pixels: over the limit of {MAX_MASK_PIXELS:,} "
+                         f"(MAX_MASK_PIXELS)")
+    if not head.has_alpha:
+        raise ValueError("mask PNG has no alpha channel: Dataloop's mask is its alpha")
+    runs = _Runs()
+    try:
+        for inside in _mask_strips(head):
+            runs.add(inside)
+    except _Refused:
+        raise
+    except Exception as err:  # noqa: BLE001 - zlib and Pillow on untrusted bytes: zlib.error, SyntaxError...
+        raise ValueError(f"mask is not a readable PNG: {err or type(err).__name__}") from None
+    return brush_rle(runs.lengths(), runs.first, pixels)
+
+
+class _Refused(ValueError):
+    """A readable mask over one of the limits above: the message names the limit."""
+
+
+def _mask_strips(head: PngMask):
+    """The mask (alpha > 127) in strips of whole rows, top to bottom, as (rows, width) bools.
+
+    PNG filters work byte by byte, each byte against the same byte of the pixel to its left and
+    of the row above: the bytes at one offset in every pixel (a lane) unfilter on their own. So
+    only the lanes that decide alpha are unfiltered (for RGBA, a quarter of the image), by Pillow,
+    as an 8-bit image of 1 to 4 lanes made of the row above and the strip's rows as stored."""
+    from PIL import Image  # decoding PNGs held in memory, not I/O; imported when a mask comes
+
+    if head.interlaced:  # Adam7 passes do not come in rows
+        yield _whole_mask(head)
+        return
+    row, unit = head.row_bytes, head.filter_unit
+    width = row // unit  # pixels in a lane (bytes, below 8 bits per pixel)
+    lanes = _alpha_lanes(head)
+    groups = [lanes[i:i + 4] for i in range(0, len(lanes), 4)]
+    above = [np.zeros(width * len(g), np.uint8) for g in groups]  # the row above the first: zeros
+    per_strip = max(1, STRIP_BYTES // (row + 1))
+    stored = _inflated(head)
+    for top in range(0, head.height, per_strip):
+        rows = min(per_strip, head.height - top)
+        data = np.frombuffer(stored(rows * (row + 1)), np.uint8).reshape(rows, row + 1)
+        body = data[:, 1:].reshape(rows, width, unit)
+        unfiltered = {}
+        for g, group in enumerate(groups):
+            k = len(group)
+            buf = np.empty((rows + 1, 1 + width * k), np.uint8)
+            buf[0, 0] = 0  # filter: none (the row above is already unfiltered)
+            buf[0, 1:] = above[g]
+            buf[1:, 0] = data[:, 0]
+            buf[1:, 1:].reshape(rows, width, k)[:] = body[:, :, list(group)]
+            mode = _LANE_MODES[k]
+            strip = Image.frombytes(mode, (width, rows + 1), zlib.compress(buf, 0), "zip", mode)
+            out = np.asarray(strip).reshape(rows + 1, width, k)
+            above[g] = out[-1].reshape(-1).copy()
+            for j, lane in enumerate(group):
+                unfiltered[lane] = out[1:, :, j]
+        yield _inside(head, unfiltered)
+
+
+_LANE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # 8-bit modes whose pixels are the bytes as stored
+
+
+def _alpha_lanes(head: PngMask) -> tuple[int, ...]:
+    """The byte offsets in a pixel that decide its alpha (16-bit: the high byte, as Pillow reads it)."""
+    if head.color == 6:
+        return (3,) if head.depth == 8 else (6,)
+    if head.color == 4:
+        return (1,) if head.depth == 8 else (2,)
+    return tuple(range(head.filter_unit))  # palette index, or a grey/RGB sample against the tRNS key
+
+
+def _inflated(head: PngMask):
+    """A reader of the image's decompressed bytes, n at a time."""
+    z = zlib.decompressobj()
+    chunks = iter(head.idat)
+    pending: bytes | memoryview = b""
+
+    def take(n: int) -> bytes:
+        nonlocal pending
+        parts, have = [], 0
+        while have < n:
+            if not pending:
+                pending = b"" if z.eof else next(chunks, b"")
+                if not pending:
+                    raise ValueError("image data ends early")
+            part = z.decompress(pending, n - have)
+            pending = z.unconsumed_tail
+            parts.append(part)
+            have += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    return take
+
+
+def _inside(head: PngMask, lanes: dict[int, np.ndarray]) -> np.ndarray:
+    """Unfiltered lanes -> inside (rows, width), as dtlpy reads a mask through Pillow: alpha > 127,
+    a palette's alpha from tRNS, transparent where a grey or RGB pixel is the tRNS key colour."""
+    w, depth, color = head.width, head.depth, head.color
+    if color in (4, 6):
+        return lanes[_alpha_lanes(head)[0]] > 127
+    if color == 3:
+        alpha = np.full(256, 255, np.uint8)
+        alpha[:len(head.palette_alpha[:256])] = np.frombuffer(head.palette_alpha[:256], np.uint8)
+        return (alpha > 127)[_samples(lanes[0], depth, w)]
+    key = np.frombuffer(head.key, ">u2").astype(np.int64)
+    if depth == 16:
+        samples = [lanes[2 * i].astype(np.uint16) << 8 | lanes[2 * i + 1] for i in range(len(key))]
+    elif color == 0:
+        samples = [_samples(lanes[0], depth, w)]
+    else:
+        samples = [lanes[i] for i in range(3)]
+    inside = samples[0] != key[0]
+    for sample, value in zip(samples[1:], key[1:]):
+        inside |= sample != value
+    return inside
+
+
+def _samples(lane: np.ndarray, depth: int, width: int) -> np.ndarray:
+    """Rows of 1, 2, 4 or 8-bit samples (grey, palette) as one integer per pixel."""
+    if depth == 8:
+        return lane
+    shifts = np.arange(8 - depth, -1, -depth, dtype=np.uint8)
+    return ((lane[:, :, None] >> shifts) & ((1 << depth) - 1)).reshape(len(lane), -1)[:, :width]
+
+
+def _whole_mask(head: PngMask) -> np.ndarray:
+    """Pillow decodes the whole image (interlaced): only up to a smaller limit."""
+    pixels = head.width * head.height
+    if pixels > MAX_WHOLE_MASK_PIXELS:
+        raise _Refused(f"an interlaced mask PNG is decoded whole: {pixels:,} pixels is over "
+                         f"the limit of {MAX_WHOLE_MASK_PIXELS:,} (MAX_WHOLE_MASK_PIXELS)")
+    from PIL import Image
+
+    with Image.open(io.BytesIO(head.png)) as img:
+        return np.asarray(img.convert("RGBA").getchannel("A")) > 127
+
+
+class _Runs:
+    """Where a mask read in strips changes between outside and inside, in reading order."""
+
+    def __init__(self):
+        self.starts: list[np.ndarray] = []  # global pixel index of each run but the first
+        self.count = 0
+        self.offset = 0
+        self.first: bool | None = None  # the first pixel
+        self.last: bool | None = None  # the last pixel so far
+
+    def add(self, inside: np.ndarray) -> None:
+        flat = inside.reshape(-1)
+        if not len(flat):
+            return
+        if self.first is None:
+            self.first = self.last = bool(flat[0])
+        cuts = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        if bool(flat[0]) != self.last:
+            cuts = np.concatenate(([0], cuts))
+        self.count += len(cuts)
+        if self.count >= MAX_MASK_RUNS:
+            raise _Refused(f"mask has over {MAX_MASK_RUNS:,} runs of inside/outside pixels (MAX_MASK_RUNS): "
+                             "too fragmented for Label Studio's brush")
+        self.starts.append(cuts + self.offset)
+        self.offset += len(flat)
+        self.last = bool(flat[-1])
+
+    def lengths(self) -> np.ndarray:
+        starts = np.concatenate([np.zeros(1, np.int64), *self.starts, np.array([self.offset])])
+        return np.diff(starts)
+
+
+def brush_rle(lengths: np.ndarray, first: bool, pixels: int) -> list[int]:
+    """Label Studio's brush RLE (`label_studio_sdk.converter.brush.encode_rle`, bit for bit) of
+    a 0/255 mask given as pixel run lengths in reading order, the first run inside iff `first`.
+
+    The RLE is of the RGBA image, 4 equal values per pixel: a header (value count in 32 bits,
+    word size - 1 in 5, the four run-length widths 3, 4, 8, 16 less one in 4 each), then per run
+    a 1 (a repeat), the width's index in 2 bits, length - 1 in that width, the value in 8 bits.
+    A run over 256 values goes in 16-bit pieces of 65536 values, then the rest; the bit string is
+    padded to a whole byte with 1 to 8 zeros. Runs are encoded in blocks: memory stays flat."""
+    packer = _BitPacker()
+    packer.add(np.array([4 * pixels, (7 << 16) | (2 << 12) | (3 << 8) | (7 << 4) | 15]), np.array([32, 21]))
+    for lo in range(0, len(lengths), _BLOCK):
+        values4 = lengths[lo:lo + _BLOCK].astype(np.int64) * 4
+        value = np.zeros(len(values4), np.int64)
+        value[(lo + (0 if first else 1)) % 2::2] = 255  # runs alternate, the first one's value is `first`
+        long = values4 > 256
+        pieces = np.where(long, (values4 - 1) // 65536 + 1, 1)
+        run = np.repeat(np.arange(len(values4)), pieces)
+        later = np.arange(len(run)) - np.repeat(np.cumsum(pieces) - pieces, pieces)  # piece number in its run
+        size = np.where(later < pieces[run] - 1, 65536, values4[run] - later * 65536)
+        index = np.where(long[run], 3, np.where(size <= 8, 0, np.where(size <= 16, 1, 2)))
+        width = _RLE_WIDTHS[index]
+        packer.add(((((4 | index) << width) | (size - 1)) << 8) | value[run], width + 11)
+    return packer.finish()
+
+
+_BLOCK = 1 << 16
+_RLE_WIDTHS = np.array([3, 4, 8, 16])
+
+
+class _BitPacker:
+    """Codes of up to 32 bits (most significant bit first) into bytes, a block at a time."""
+
+    _COLUMNS = np.arange(32)
+
+    def __init__(self):
+        self.out: list[np.ndarray] = []
+        self.carry = np.zeros(0, np.uint8)  # bits short of a whole byte
+
+    def add(self, codes: np.ndarray, bits: np.ndarray) -> None:
+        aligned = (codes.astype(np.uint64) << (32 - bits).astype(np.uint64)).astype(">u4")
+        matrix = np.unpackbits(aligned.view(np.uint8).reshape(-1, 4), axis=1)
+        stream = np.concatenate([self.carry, matrix[self._COLUMNS < bits[:, None]]])
+        whole = len(stream) // 8 * 8
+        self.out.append(np.packbits(stream[:whole]))
+        self.carry = stream[whole:]
+
+    def finish(self) -> list[int]:
+        """encode_rle pads with 8 - (bits % 8) zeros: a whole zero byte when already aligned."""
+        pad = np.zeros(8 - len(self.carry), np.uint8)
+        self.out.append(np.packbits(np.concatenate([self.carry, pad])))
+        return np.concatenate(self.out).tolist()
 
 
 def _r(v: float) -> float:
@@ -345,6 +665,9 @@ def convert_track(track: Track, ctx: Context) -> Outcome:
         if ctx.lossy and error_px > EXACT_PX:
             outcome = "approximated"
             reason = (reason + "; " if reason else "") + f"simplified within --tolerance {ctx.tolerance_px:g} px"
+        for note in track.approximations or ():  # e.g. a span clipped to the video's end
+            outcome = "approximated"
+            reason = (reason + "; " if reason else "") + note
         return Outcome(results, outcome, reason, error_px, emitted, attr_counts)
     tags = " or ".join(f"<{t}>" for t in missing)
     return Outcome([], "skipped", f"the labeling config has no {tags} for {ctx.obj.name!r}")
@@ -354,6 +677,7 @@ def _finish(track: Track, made: list, ctx: Context, control: Control) -> tuple[l
     """Ids, names, score, and the attributes of each region (config controls, else meta)."""
     results: list[dict] = []
     counts = {"mapped": 0, "meta": 0}
+    points = _attribute_change_points(track)
     for k, (result_type, run, value) in enumerate(made):
         rid = track.annotation_id if k == 0 else f"{track.annotation_id}_r{k + 1}"
         result = {"id": rid, "from_name": control.name, "to_name": ctx.obj.name, "type": result_type}
@@ -364,7 +688,7 @@ def _finish(track: Track, made: list, ctx: Context, control: Control) -> tuple[l
         result["value"] = value
         if track.confidence is not None:
             result["score"] = track.confidence
-        extra, meta = _attributes(track, run, ctx, rid, counts)
+        extra, meta = _attributes(track, run, ctx, rid, counts, points)
         if track.description:
             meta["text"] = [track.description]
         if track.type == "note":
@@ -376,7 +700,8 @@ def _finish(track: Track, made: list, ctx: Context, control: Control) -> tuple[l
     return results, counts
 
 
-def _attributes(track: Track, run: Run, ctx: Context, rid: str, counts: dict[str, int]) -> tuple[list[dict], dict]:
+def _attributes(track: Track, run: Run, ctx: Context, rid: str, counts: dict[str, int],
+                points: list[int]) -> tuple[list[dict], dict]:
     """Attributes of the run's first frame go to per-region controls of the config where one
     fits (v2: a control named like the attribute; v1: a Choices that offers the value); the
     rest, and any change of attributes over the run, go to the region's meta."""
@@ -414,7 +739,7 @@ def _attributes(track: Track, run: Run, ctx: Context, rid: str, counts: dict[str
             counts["meta"] += 1
         if leftover:
             meta.setdefault("dataloop", {})["attributes"] = leftover
-    changes = _attribute_changes(track, run)
+    changes = _attribute_changes(track, run, points)
     if changes:
         meta.setdefault("dataloop", {})["attribute_changes"] = changes
     return extra, meta
@@ -454,16 +779,19 @@ def _attribute_result(rid: str, control: Control, ctx: Context, value: dict) -> 
     return {"id": rid, "from_name": control.name, "to_name": ctx.obj.name, "type": control.tag, "value": value}
 
 
-def _attribute_changes(track: Track, run: Run) -> list[dict]:
-    """Later stored frames of the run whose attributes differ from the one before (1-based)."""
+def _attribute_change_points(track: Track) -> list[int]:
+    """Stored frames (indices) whose attributes differ from the stored frame's before; once per
+    track, so that regions cost what they hold ([] (v1) and {} (v2) both say "none")."""
     attrs = track.attributes
     if len(attrs) == 1 or attrs.count(attrs[0]) == len(attrs):
         return []  # the common case: attributes never change
-    lo, hi = run.ranges[0][0], run.ranges[-1][1]
-    first, last = held_index(track, np.array([lo, hi])).tolist()
-    out, prev = [], attrs[first] or None  # [] (v1) and {} (v2) both say "none"
-    for i in range(first + 1, last + 1):
-        if (attrs[i] or None) != prev:
-            prev = attrs[i] or None
-            out.append({"frame": int(ls_frame(track.frames[i])), "attributes": attrs[i]})
-    return out
+    return [i for i in range(1, len(attrs)) if (attrs[i] or None) != (attrs[i - 1] or None)]
+
+
+def _attribute_changes(track: Track, run: Run, points: list[int]) -> list[dict]:
+    """Later stored frames of the run whose attributes differ from the one before (1-based)."""
+    if not points:
+        return []
+    first, last = held_index(track, np.array([run.ranges[0][0], run.ranges[-1][1]])).tolist()
+    chosen = points[bisect_right(points, first):bisect_right(points, last)]
+    return [{"frame": int(ls_frame(track.frames[i])), "attributes": track.attributes[i]} for i in chosen]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from dl2ls.labelstudio.config import LabelConfig, default_config
 from dl2ls.labelstudio.mappers import Context, convert_track
-from dl2ls.report import InputError, Report
+from dl2ls.report import InputError, Report, describe
 from dl2ls.tracks import ItemInfo, ItemTracks
 
 DEFAULT_MODEL_VERSION = "dataloop-{source}"
@@ -61,6 +61,10 @@ def to_task(item: ItemTracks, opts: ConvertOptions) -> tuple[dict, Report]:
     info = item.info
     for type_, ref, reason in item.failures:
         report.count(type_, "failed", info.origin, ref, reason)
+    for type_, ref, reason in item.skipped:
+        report.count(type_, "skipped", info.origin, ref, reason)
+    for note in info.media.notes:
+        report.warn(info.origin, note)
     obj = opts.config.object_for(info.media.kind)
     if obj is None:
         raise InputError(info.origin, None, f"the labeling config has no <{info.media.kind.capitalize()}> "
@@ -83,6 +87,9 @@ def to_task(item: ItemTracks, opts: ConvertOptions) -> tuple[dict, Report]:
             out = convert_track(track, ctx)
         except (ValueError, ArithmeticError) as err:  # geometry Label Studio cannot show
             report.count(track.type, "failed", info.origin, track.annotation_id, str(err))
+            continue
+        except Exception as err:  # noqa: BLE001 - unforeseen: this annotation fails alone, the item goes on
+            report.count(track.type, "failed", info.origin, track.annotation_id, describe(err))
             continue
         report.count(track.type, out.outcome, info.origin, track.annotation_id, out.reason)
         report.attributes.update({k: v for k, v in out.attributes.items() if v})
