@@ -83,7 +83,7 @@ def test_every_rule_of_bad_input_is_one_line_and_the_rest_converts(tmp_path, cap
     src.write_text(json.dumps(item, allow_nan=True))
     (tmp_path / "truncated.json").write_text(json.dumps(video_item([good], item_id="t"))[:-20])
     (tmp_path / "nofps.json").write_text(json.dumps({**video_item([good], item_id="nofps"), "metadata": {
-        "system": {"mimetype": "video/mp4", "width": 10, "height": 10}}}))
+        "fps": 0, "system": {"mimetype": "video/mp4", "width": 10, "height": 10}}}))
     out, report = tmp_path / "out" / "tasks.json", tmp_path / "report.json"
     code, _, err = run(capsys, "convert", tmp_path, "-o", out, "--report", report)
     assert code == 1
@@ -98,7 +98,7 @@ def test_every_rule_of_bad_input_is_one_line_and_the_rest_converts(tmp_path, cap
         assert ann_id in err
     assert "NaN" in lines["nan"]["reason"] and "absurd" in lines["absurd"]["reason"]
     assert "label" in lines["nolabel"]["reason"] and "negative frame" in lines["negframe"]["reason"]
-    assert "truncated.json: not valid JSON" in err and "nofps.json: video item has no fps" in err
+    assert "truncated.json: not valid JSON" in err and "nofps.json: item metadata.fps 0 is not a frame rate" in err
     assert "beyond the video" in lines["hugeframe"]["reason"]
     assert "confidence 7 is not in 0..1" in lines["oddscore"]["reason"] and lines["oddscore"]["outcome"] == "warning"
     tasks = json.loads(out.read_text())

@@ -26,7 +26,7 @@ from dl2ls.labelstudio.evaluate import Mismatch, Verdict, compare_item
 from dl2ls.labelstudio.identity import TasksByItem
 from dl2ls.labelstudio.mappers import family_of
 from dl2ls.labelstudio.tasks import ConvertOptions, to_task
-from dl2ls.report import InputError, Report
+from dl2ls.report import InputError, Report, describe
 from dl2ls.tracks import ItemInfo, item_tracks
 
 log = logging.getLogger("dl2ls.convert")
@@ -84,16 +84,6 @@ def convert_item(entry: Entry, options: ConvertOptions, defaults: MediaDefaults,
     report.merge(item_report)
     out.task, out.body = task, body
     return out
-
-
-def describe(err: BaseException) -> str:
-    """A one-line reason for an error nobody foresaw, in the user's terms where we can."""
-    if isinstance(err, RecursionError):
-        return "nested too deeply to read"
-    if isinstance(err, MemoryError):
-        return "too large to convert in the memory available"
-    text = str(err).splitlines()[0][:200] if str(err) else ""
-    return f"unexpected {type(err).__name__}" + (f": {text}" if text else "")
 
 
 # ----------------------------------------------------------------------------- many sources
@@ -275,6 +265,9 @@ def verify_sources(source: str, tasks: list, label_map: dict[str, str], toleranc
             out.lines.append(f"{info.origin}: no task for this item")
             out.without_task += 1
             continue
+        for type_, ref, reason in item.skipped:  # nothing to show (past the video's end), as the report says
+            key = f"{type_} skipped: {reason}"
+            out.verdict.unchecked[key] = out.verdict.unchecked.get(key, 0) + 1
         for type_, ref, reason in item.failures:
             if (info.origin, ref) in reported:
                 out.accepted += 1

@@ -26,6 +26,16 @@ def escape(text: object) -> str:
     return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
 
 
+def describe(err: BaseException) -> str:
+    """A one-line reason for an error nobody foresaw, in the user's terms where we can."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply to read"
+    if isinstance(err, MemoryError):
+        return "too large to convert in the memory available"
+    text = str(err).splitlines()[0][:200] if str(err) else ""
+    return f"unexpected {type(err).__name__}" + (f": {text}" if text else "")
+
+
 class InputError(Exception):
     """Bad input: one line that names the file and, where known, the annotation."""
 

@@ -37,13 +37,13 @@ import orjson
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
-from dl2ls.convert import convert_item, describe
+from dl2ls.convert import convert_item
 from dl2ls.dataloop.model import MediaDefaults
 from dl2ls.dataloop.read import Entry, Locator, iter_items, load_item
 from dl2ls.labelstudio import config as lsconfig
 from dl2ls.labelstudio.identity import Best, Parts, PathIndex, media_parts, shown
 from dl2ls.labelstudio.tasks import ConvertOptions, score_of
-from dl2ls.report import InputError, escape
+from dl2ls.report import InputError, describe, escape
 
 log = logging.getLogger("dl2ls.server")
 
