@@ -23,10 +23,12 @@ def plan(planner, t, stats=None, previous=()):
     return planner.plan(t, orjson.dumps(t), stats or Stats(), previous)
 
 
-def existing(tid, data, versions=(), total=None, recorded=None, annotations=0):
+def existing(tid, data, versions=(), total=None, recorded=None, annotations=0, created=False):
     if data.get("dataloop_item_id") == "A":  # a task dl2ls made for item A: nothing missing from its data
         data = {**task("A")["data"], **data}
     meta = {META_KEY: {"predictions": recorded}} if recorded is not None else {}
+    if created:
+        meta[META_KEY]["created"] = True
     return ExistingTask(tid, data, annotations, len(versions) if total is None else total, list(versions), meta)
 
 
@@ -41,8 +43,8 @@ def test_an_item_lands_on_the_task_that_shares_the_longest_path():
 @pytest.mark.parametrize("tasks, items, reported", [
     # one item, two tasks that fit it equally
     (["s3://b/cam1/clip.mp4", "s3://b/cam2/clip.mp4"], {"A": "/clip.mp4"}, "item /clip.mp4 fits tasks 1"),
-    # two items, one task that fits both equally
-    (["s3://b/x/clip.mp4"], {"A": "/cam1/clip.mp4", "B": "/cam2/clip.mp4"}, "task /x/clip.mp4 fits items A"),
+    # two items, one task that knows only the file name: it fits both equally
+    (["https://host/clip.mp4"], {"A": "/cam1/clip.mp4", "B": "/cam2/clip.mp4"}, "task /clip.mp4 fits items A"),
 ])
 def test_equally_good_candidates_match_neither_and_are_reported(tasks, items, reported):
     warnings, stats = [], Stats()
@@ -53,6 +55,24 @@ def test_equally_good_candidates_match_neither_and_are_reported(tasks, items, re
         assert plan(planner, task(key, path), stats) is None  # on no task, not even a new one
     assert stats.items_ambiguous == len(items) and stats.tasks_created == 0
     assert any(reported in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("tasks, item", [
+    (["s3://b/cam1/clip.mp4"], "/cam2/clip.mp4"),  # cam2's task is not in the project: cam1's is not it
+    (["s3://b/x/clip.mp4"], "/y/clip.mp4"),
+])
+def test_a_folder_that_differs_is_another_file(tasks, item):
+    planner = Planner([existing(i + 1, {"video": v}) for i, v in enumerate(tasks)], "video", "filename")
+    planner.match_paths({"B": item})
+    assert plan(planner, task("B", item)).new_task is not None
+
+
+def test_an_item_that_has_its_task_still_keeps_others_off_a_task_of_its_path():
+    tasks = [existing(1, {"video": "s3://b/cam1/clip.mp4", "dataloop_item_id": "A", "dataloop_filename": "/cam1/clip.mp4"}),
+             existing(2, {"video": "https://host/clip.mp4"})]
+    planner = Planner(tasks, "video", "filename")
+    planner.match_paths({"A": "/cam1/clip.mp4", "B": "/cam2/clip.mp4"})
+    assert plan(planner, task("B", "/cam2/clip.mp4")) is None  # task 2 fits A as well as B: neither takes it
 
 
 def test_a_task_that_belongs_to_another_item_is_never_adopted():
@@ -130,16 +150,20 @@ def test_tasks_claiming_one_item_the_oldest_is_its_task():
 
 def test_new_tasks_carry_the_record_of_their_predictions():
     change = plan(Planner([], "video"), task("A"))
-    assert orjson.loads(change.new_task)["meta"] == {META_KEY: {"predictions": {"v": DIGEST}}}
+    assert orjson.loads(change.new_task)["meta"] == {META_KEY: {"predictions": {"v": DIGEST}, "created": True}}
 
 
-@pytest.mark.parametrize("annotations, versions, deleted", [
-    (0, ["v"], True),  # only ours, nobody annotated: the task goes
-    (1, ["v"], False),  # someone annotated it: the task stays for the people
-    (0, ["v", "theirs"], False),  # another source's predictions are on it
+@pytest.mark.parametrize("annotations, versions, total, created, deleted", [
+    (0, ["v"], 1, True, True),  # dl2ls made it, only ours on it, nobody annotated: the task goes
+    (1, ["v"], 1, True, False),  # someone annotated (or skipped) it: the task stays for the people
+    (0, ["v", "theirs"], 2, True, False),  # another source's predictions are on it
+    (0, ["v"], 2, True, False),  # a prediction whose version the listing cannot show (empty) is on it
+    (0, ["v"], 1, False, False),  # the user's own task (e.g. from cloud storage), adopted: it stays
 ])
-def test_a_deleted_items_predictions_go_and_its_task_only_when_nothing_else_is_on_it(annotations, versions, deleted):
-    t = existing(1, {"dataloop_item_id": "A"}, versions, recorded={"v": DIGEST}, annotations=annotations)
+def test_a_deleted_items_predictions_go_and_its_task_only_when_nothing_else_is_on_it(annotations, versions, total,
+                                                                                      created, deleted):
+    t = existing(1, {"dataloop_item_id": "A"}, versions, total=total, recorded={"v": DIGEST},
+                 annotations=annotations, created=created)
     change = Planner([t], "video").plan_deleted("A", [], Stats())
     assert change.replace_versions == ["v"] and change.delete_task is deleted
 
@@ -205,20 +229,21 @@ def test_the_task_pager_failing_midway_is_one_line(monkeypatch):
 
     from dl2ls.labelstudio import push as push_module
 
+    monkeypatch.setattr(push_module.time, "sleep", lambda s: None)
     pusher = push_module.Pusher("http://127.0.0.1:9", "token")
+    first = httpx.Response(200, content=orjson.dumps({"total": 2, "tasks": [{"id": 1, "data": {}}]}))
+    answers = [first]
 
-    def pages(**kwargs):
-        yield type("T", (), {"id": 1, "data": {}, "total_annotations": 0, "total_predictions": 0,
-                             "predictions_model_versions": "", "meta": {}})()
+    def request(path, method="GET", params=None, request_options=None):
+        if answers:
+            return answers.pop()
         raise httpx.ConnectError("refused")  # the second page never comes
 
-    monkeypatch.setattr(pusher.client.tasks, "list", pages)
-    try:
-        list(pusher.existing_tasks(1))
-    except push_module.PushError as err:
-        assert "tasks of project 1: cannot reach Label Studio" in str(err)
-    else:
-        raise AssertionError("expected a PushError")
+    monkeypatch.setattr(pusher.client._client_wrapper.httpx_client, "request", request)
+    tasks = pusher.existing_tasks(1)
+    assert next(tasks).id == 1
+    with pytest.raises(push_module.PushError, match=r"^tasks of project 1 \(page 2\): cannot reach Label Studio"):
+        next(tasks)
 
 
 @pytest.mark.parametrize("case, versions, total, source, skipped", [

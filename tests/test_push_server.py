@@ -109,7 +109,7 @@ def test_push_matches_tasks_imported_earlier_by_id_and_by_file_name(ls_env, tmp_
     project = ls_env.projects.create(title="existing tasks", label_config=config.read_text())
     ls_env.projects.import_tasks(project.id, request=[
         {"data": {"video": "https://example.com/clip_0.webm", "dataloop_item_id": "item0000"}},
-        {"data": {"video": "s3://bucket/from-storage/clip_1.webm"}},  # no Dataloop id: cloud storage
+        {"data": {"video": "s3://bucket/from-storage/videos/clip_1.webm"}},  # no Dataloop id: cloud storage
     ])
     code, rep = push_report(capsys, tmp_path, src, "--project", project.id, "--match", "filename")
     assert code == 0
@@ -117,7 +117,7 @@ def test_push_matches_tasks_imported_earlier_by_id_and_by_file_name(ls_env, tmp_
     held = stored(ls_env, project.id)
     assert len(held) == 3
     storage_task = held["item0001"]["task"]
-    assert storage_task.data["video"] == "s3://bucket/from-storage/clip_1.webm"  # the media stays
+    assert storage_task.data["video"] == "s3://bucket/from-storage/videos/clip_1.webm"  # the media stays
     assert storage_task.data["fps"] == 25  # what frameRate="$fps" needs
     assert all(len(v["predictions"]["dataloop-human"]) == 1 for v in held.values())
     assert_frame_exact_on_server(ls_env, project.id, src, "dataloop-human")

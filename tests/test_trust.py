@@ -220,3 +220,35 @@ def test_a_capped_page_size_deletes_nothing(dataset, ls_env, capsys, omit):
     assert code == 0 and "items seen 30" in err and "deleted 0" in err
     now = held(ls_env, pid)
     assert len(now) == 30 and all(len(h["versions"]["dataloop-human"]) == 1 for h in now.values())
+
+
+def test_overlapping_scopes_keep_their_own_records(dataset, ls_env, capsys, tmp_path):
+    standin, pid, state = dataset
+    flt = tmp_path / "batch1.json"
+    flt.write_text(json.dumps({"dir": "/batch1"}))
+    assert sync_with(capsys, pid, state)[0] == 0  # the whole dataset
+    assert sync_with(capsys, pid, state, "--filter", flt)[0] == 0  # a part of it (reads it: a new scope)
+    code, err = sync_with(capsys, pid, state)  # the whole dataset again: nothing to read, nothing left
+    assert code == 0 and "read 0" in err and "left the scope" not in err
+    code, err = sync_with(capsys, pid, state, "--filter", flt)
+    assert code == 0 and "read 0" in err
+
+
+def test_a_state_from_before_scopes_is_read(tmp_path):
+    import sqlite3
+
+    from dl2ls.sync import State
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT); CREATE TABLE items (item_id TEXT "
+                     "PRIMARY KEY, updated_at TEXT, annotations INTEGER, content_hash TEXT, versions TEXT);"
+                     "INSERT INTO items VALUES ('i1', 't', 2, 'h', '[\"v\"]');")
+    db.commit()
+    db.close()
+    state = State(path)
+    try:
+        (row,) = state.items("any-scope").values()
+        assert (row.item_id, row.content_hash, row.versions) == ("i1", "h", ["v"])
+    finally:
+        state.close()

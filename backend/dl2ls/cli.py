@@ -254,6 +254,10 @@ def cmd_push(args) -> int:
                              f"(ids {', '.join(str(p.id) for p in titled)}): pass --project ID")
         if titled:  # an earlier run of this command created it (maybe interrupted): go on there
             args.project = titled[0].id
+            theirs = sum(1 for t in pusher.existing_tasks(args.project) if push.META_KEY not in t.meta)
+            if theirs:  # a project of the same name that dl2ls did not fill: not ours to write into
+                raise UsageError(f"project {args.project} is titled {args.new_project!r} and holds {theirs} tasks "
+                                 "dl2ls did not make: pass --project ID to push into it, or another title")
             log.info("project %d is titled %r already: pushing into it", args.project, escape(args.new_project))
         else:
             xml = _read_text(args.label_config, "--label-config") if args.label_config else \

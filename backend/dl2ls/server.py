@@ -307,6 +307,19 @@ class Predictor:
         return prediction
 
 
+def _positive_env(name: str) -> float | None:
+    text = os.environ.get(name)
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e7:
+        raise SystemExit(f"dl2ls serve: {name} must be a positive number, not {escape(text[:40])!r}")
+    return value
+
+
 def task_name(position: int, task) -> str:
     task_id = task.get("id") if isinstance(task, dict) else None
     if isinstance(task_id, (int, str)) and not isinstance(task_id, bool):
@@ -367,8 +380,7 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
     sources = source if isinstance(source, list) else [source or os.environ.get("DL2LS_SOURCE", "")]
     if not all(sources):
         raise SystemExit("dl2ls serve: no source: pass --source PATH or set DL2LS_SOURCE")
-    defaults = MediaDefaults(*(float(os.environ[k]) if os.environ.get(k) else None
-                               for k in ("DL2LS_FPS", "DL2LS_WIDTH", "DL2LS_HEIGHT")))
+    defaults = MediaDefaults(*(_positive_env(k) for k in ("DL2LS_FPS", "DL2LS_WIDTH", "DL2LS_HEIGHT")))
     version = model_version or os.environ.get("DL2LS_MODEL_VERSION") or DEFAULT_VERSION
     user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
     if bool(user) != bool(password):

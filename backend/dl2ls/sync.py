@@ -119,8 +119,8 @@ class State:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+")
         except OSError as err:
             raise StateError(f"cannot open the state's lock file next to {self.path}: {err.strerror}") from None
@@ -133,17 +133,22 @@ class State:
             # batches are recorded from push's writer thread as they land: one connection, one lock
             self.db = sqlite3.connect(self.path, check_same_thread=False)
             self.lock = threading.Lock()
+            # one row per scope and item: overlapping scopes (the dataset, and a filter within it)
+            # keep their own records of what they wrote and of what failed
             self.db.executescript("""
                 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-                CREATE TABLE IF NOT EXISTS items (
-                    item_id TEXT PRIMARY KEY, updated_at TEXT, annotations INTEGER, content_hash TEXT,
-                    versions TEXT);
+                CREATE TABLE IF NOT EXISTS item_state (
+                    scope TEXT NOT NULL, item_id TEXT NOT NULL, updated_at TEXT, annotations INTEGER,
+                    content_hash TEXT, versions TEXT, failures INTEGER DEFAULT 0, retry_at REAL DEFAULT 0,
+                    last_error TEXT, PRIMARY KEY (scope, item_id));
             """)
-            have = {row[1] for row in self.db.execute("PRAGMA table_info(items)")}
-            for column, kind in (("scope", "TEXT"), ("failures", "INTEGER DEFAULT 0"), ("retry_at", "REAL DEFAULT 0"),
-                                 ("last_error", "TEXT")):
-                if column not in have:  # a state written before scopes and quarantine
-                    self.db.execute(f"ALTER TABLE items ADD COLUMN {column} {kind}")
+            old = self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone()
+            if old:  # a state written before scopes: its rows become the legacy scope ''
+                with self.db:
+                    self.db.execute("INSERT OR IGNORE INTO item_state (scope, item_id, updated_at, annotations, "
+                                    "content_hash, versions) SELECT '', item_id, updated_at, annotations, content_hash, "
+                                    "versions FROM items")
+                    self.db.execute("DROP TABLE items")
             self.db.commit()
         except sqlite3.Error as err:
             fcntl.flock(self.lock_file, fcntl.LOCK_UN)
@@ -160,19 +165,25 @@ class State:
         return row[0] if row else None
 
     def items(self, scope: str) -> dict[str, ItemRow]:
-        """The items this scope wrote (a state from before scopes: all of them, as its one scope)."""
-        rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM items WHERE scope = ? OR scope IS NULL",
-                               (scope,))
+        """The items this scope wrote (rows of a state from before scopes count as every scope's,
+        until the scope writes its own)."""
+        rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM item_state WHERE scope IN ('', ?) "
+                               "ORDER BY scope = ''  DESC", (scope,))
         return {r[0]: ItemRow(r[0], r[1], r[2], r[3], json.loads(r[4] or "[]"), scope, r[6] or 0, r[7] or 0.0, r[8])
                 for r in rows}
 
-    def commit(self, rows: list[ItemRow], forget: list[str] = (), meta: dict[str, str] | None = None) -> None:
-        with self.lock, self.db:  # one transaction
+    def commit(self, rows: list[ItemRow], forget: list[tuple[str, str]] = (),
+               meta: dict[str, str] | None = None) -> None:
+        """Rows to keep and (scope, item id) pairs to forget, in one transaction. A scope's own row
+        replaces the item's row from before scopes."""
+        with self.lock, self.db:
             if meta:
                 self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
-            self.db.executemany(f"INSERT OR REPLACE INTO items ({', '.join(_COLUMNS)}) VALUES "
+            gone = [(r.scope, r.item_id) for r in rows] + list(forget)
+            self.db.executemany("DELETE FROM item_state WHERE item_id = ? AND scope IN ('', ?)",
+                                [(item, scope) for scope, item in gone])
+            self.db.executemany(f"INSERT INTO item_state ({', '.join(_COLUMNS)}) VALUES "
                                 f"({', '.join('?' * len(_COLUMNS))})", [r.as_row() for r in rows])
-            self.db.executemany("DELETE FROM items WHERE item_id = ?", [(i,) for i in forget])
 
 
 def scope_of(dataset_id: str, filters: list[dict] | None) -> str:
@@ -278,7 +289,7 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
         (deleted if _gone(client, item_id) else left).append(item_id)
     summary.left_scope = len(left)
     if left:
-        state.commit([], forget=left)  # no longer this scope's to manage; its task stays as it is
+        state.commit([], forget=[(scope, i) for i in left])  # no longer this scope's; its task stays
 
     # 2. read the candidates; keep those whose annotations really changed
     exported: dict[str, list] = {}
@@ -351,7 +362,7 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
                 change = planner.plan_deleted(item_id, known[item_id].versions, summary.stats)
                 summary.deleted += 1
                 if change is None or not change.writes_anything:
-                    state.commit([], forget=[item_id])
+                    state.commit([], forget=[(scope, item_id)])
                     continue
                 yield change
 
@@ -361,7 +372,7 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
                 if change.item in pending:
                     rows.append(pending.pop(change.item))
                 else:
-                    forget.append(change.item)  # a deleted item, now taken away
+                    forget.append((scope, change.item))  # a deleted item, now taken away
             for change, why in result.refused:
                 pending.pop(change.item, None)
                 report.item_failed(InputError(f"dataloop:{dataset_id}/{change.item}", None,

@@ -65,6 +65,9 @@ class Best(Generic[K]):
     length: int = 0  # components shared; 0: nothing shares even the file name
     keys: list = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.keys = list(dict.fromkeys(self.keys))
+
     @property
     def unique(self) -> K | None:
         return self.keys[0] if self.length and len(self.keys) == 1 else None
@@ -75,29 +78,40 @@ class Best(Generic[K]):
 
 
 class PathIndex(Generic[K]):
-    """Keys by media path, looked up by longest shared suffix (candidates share the file name)."""
+    """Keys by media path. A path fits another when one is wholly a suffix of the other
+    (`/cam2/clip.mp4` fits `s3://b/data/cam2/clip.mp4` and `clip.mp4`, never `s3://b/cam1/clip.mp4`:
+    a folder that differs is another file); among fitting candidates the longest shared suffix
+    wins. Every suffix of every path is indexed, so a look-up costs a few dictionary reads."""
 
     def __init__(self) -> None:
-        self._by_name: dict[str, list[tuple[Parts, K]]] = {}
+        self._by_suffix: dict[Parts, list[K]] = {}  # every suffix of a path -> keys whose path ends so
+        self._by_path: dict[Parts, list[K]] = {}
         self.paths: dict[K, Parts] = {}
 
     def add(self, parts: Parts, key: K) -> None:
-        if parts and key not in self.paths:
-            self._by_name.setdefault(parts[-1], []).append((parts, key))
-            self.paths[key] = parts
+        if not parts or key in self.paths:
+            return
+        self.paths[key] = parts
+        self._by_path.setdefault(parts, []).append(key)
+        for i in range(len(parts)):
+            self._by_suffix.setdefault(parts[i:], []).append(key)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def best(self, parts: Parts) -> Best[K]:
-        found: Best[K] = Best()
-        for candidate, key in self._by_name.get(parts[-1], ()) if parts else ():
-            n = common_suffix(parts, candidate)
-            if n > found.length:
-                found = Best(n, [key])
-            elif n == found.length:
-                found.keys.append(key)
-        return found
+        if not parts:
+            return Best()
+        # paths that end with the whole of this one: they share all of it
+        longer = self._by_suffix.get(parts)
+        if longer:
+            return Best(len(parts), list(longer))
+        # else the longest path that is itself a suffix of this one
+        for i in range(1, len(parts)):
+            shorter = self._by_path.get(parts[i:])
+            if shorter:
+                return Best(len(parts) - i, list(shorter))
+        return Best()
 
 
 @dataclass(slots=True)
@@ -121,12 +135,15 @@ class Matching(Generic[K]):
     ambiguous_tasks: dict = field(default_factory=dict)  # task key -> Ambiguity (items that fit it)
 
 
-def match(items: dict[Hashable, Parts], tasks: PathIndex) -> Matching:
+def match(items: dict[Hashable, Parts], tasks: PathIndex, others: dict[Hashable, Parts] | None = None) -> Matching:
     """Pair items with tasks: an item takes the task that shares its longest path suffix, when
-    that task is the only one that long AND the item is the only one that fits the task that well.
+    that task is the only one that long AND the item is the only one that fits the task that well
+    (`others`: items that already have a task, which take part only in that second test).
     Items that fit several tasks equally, and tasks that several items fit equally, are left
     unmatched and named. An item whose best task fits another item better is simply unmatched."""
     item_index: PathIndex = PathIndex()
+    for key, parts in (others or {}).items():  # items that have a task already still compete for paths
+        item_index.add(parts, key)
     for key, parts in items.items():
         item_index.add(parts, key)
     out = Matching()

@@ -91,6 +91,11 @@ class ExistingTask:
         return {k: v for k, v in preds.items() if isinstance(v, str)} if isinstance(preds, dict) else {}
 
     @property
+    def made_by_dl2ls(self) -> bool:
+        ours = self.meta.get(META_KEY) if isinstance(self.meta, dict) else None
+        return isinstance(ours, dict) and ours.get("created") is True
+
+    @property
     def source(self) -> str | None:
         """The hash of the item's bytes and the conversion settings dl2ls last converted for it."""
         ours = self.meta.get(META_KEY) if isinstance(self.meta, dict) else None
@@ -188,6 +193,7 @@ class Planner:
         self.by_item: dict[str, ExistingTask] = {}
         self.adoptable: PathIndex[int] = PathIndex()  # tasks of no item yet, by media path
         self.matching: Matching = Matching()
+        self.ambiguous: set[str] = set()
         self.seen_items: set[str] = set()
         claims: dict[str, list[int]] = {}
         for task in sorted(existing, key=lambda t: t.id):
@@ -212,17 +218,18 @@ class Planner:
         item yet, by longest shared path suffix; ambiguous pairs are reported and left alone."""
         if self.match_mode != "filename":
             return
-        parts = {key: media_parts(path) for key, path in items.items() if key not in self.by_item}
-        self.matching = match({k: p for k, p in parts.items() if p}, self.adoptable)
+        parts = {key: media_parts(path) for key, path in items.items()}
+        self.matching = match({k: p for k, p in parts.items() if p and k not in self.by_item}, self.adoptable,
+                              others={k: p for k, p in parts.items() if p and k in self.by_item})
+        self.ambiguous = set(self.matching.ambiguous_items)
         for ambiguity in self.matching.ambiguous_items.values():
             self.warn(ambiguity.line("item", "tasks"))
         for ambiguity in self.matching.ambiguous_tasks.values():
             self.warn(ambiguity.line("task", "items"))
+            self.ambiguous.update(k for k, _ in ambiguity.candidates if k not in self.by_item)
 
     def _ambiguous(self, key: str) -> bool:
-        if key in self.matching.ambiguous_items:
-            return True
-        return any(key in [k for k, _ in a.candidates] for a in self.matching.ambiguous_tasks.values())
+        return key in self.ambiguous
 
     def find(self, key: str) -> ExistingTask | None:
         found = self.by_item.get(key)
@@ -267,7 +274,7 @@ class Planner:
         if existing is None:
             stats.tasks_created += 1
             stats.predictions_created += len(hashes)
-            return Change(item=key, new_task=_with_meta(body, {META_KEY: _record(hashes, source)}))
+            return Change(item=key, new_task=_with_meta(body, {META_KEY: {**_record(hashes, source), "created": True}}))
 
         change = Change(item=key, task_id=existing.id)
         missing = {k: v for k, v in task["data"].items()
@@ -298,12 +305,14 @@ class Planner:
         change.replace_versions += gone
         stats.predictions_deleted += len(gone)
         if change.write or gone or set(recorded) != set(hashes) or (source and source != existing.source):
-            change.meta_update = {**existing.meta, META_KEY: _record(hashes, source)}
+            mark = {"created": True} if existing.made_by_dl2ls else {}
+            change.meta_update = {**existing.meta, META_KEY: {**_record(hashes, source), **mark}}
         return change
 
     def plan_deleted(self, key: str, previous_versions: Iterable[str], stats: Stats) -> Change | None:
-        """An item Dataloop deleted: its predictions go, and its task too unless someone annotated
-        it or another source's predictions are on it."""
+        """An item Dataloop deleted: dl2ls's predictions go; the task goes too only when dl2ls made
+        it and nothing else is on it (no annotation, skipped ones included, and no prediction of
+        anyone else: the count of predictions is exactly dl2ls's)."""
         existing = self.by_item.get(key)
         if existing is None:
             return None
@@ -311,7 +320,8 @@ class Planner:
         shown = set(existing.versions or ())
         change = Change(item=key, task_id=existing.id, replace_versions=sorted(ours & shown if existing.versions
                                                                              is not None else ours))
-        if not existing.annotations and existing.versions is not None and shown <= ours:
+        if (existing.made_by_dl2ls and not existing.annotations and existing.versions is not None
+                and shown <= ours and existing.total_predictions == len(shown & ours)):
             change.delete_task = True
             stats.tasks_deleted += 1
         stats.predictions_deleted += len(change.replace_versions)
@@ -357,8 +367,9 @@ def check_url(url: str) -> str:
     except ValueError:
         raise PushError("LABEL_STUDIO_URL is not a URL: expected e.g. http://host:8080") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PushError(f"LABEL_STUDIO_URL must start with http:// or https:// and name a host "
-                        f"(e.g. http://{escape(url.strip()[:60])})")
+        # the URL itself is not repeated: it may hold a password
+        raise PushError("LABEL_STUDIO_URL must start with http:// or https:// and name a host "
+                        "(e.g. http://localhost:8080)")
     if parts.username or parts.password:
         raise PushError("LABEL_STUDIO_URL must not carry user:password@: put the token in LABEL_STUDIO_API_KEY")
     return url.strip().rstrip("/")
@@ -439,20 +450,57 @@ class Pusher:
 
     def existing_tasks(self, project_id: int) -> Iterator[ExistingTask]:
         """Every task of the project, a page at a time: id, data, meta, and what its predictions
-        are (how many, which versions) without their bodies."""
-        what = f"tasks of project {project_id}"
-        include = "id,data,meta,total_annotations,total_predictions,predictions_model_versions"
-        pager = self._guard(what, lambda: self.client.tasks.list(
-            project=project_id, include=include, page_size=PAGE_SIZE, request_options=self.options))
-        iterator = iter(pager)
+        are (how many, which versions) without their bodies. Read through the SDK's own HTTP client
+        and parsed by orjson: the typed pager spends longer building models than the server takes."""
+        include = ("id,data,meta,total_annotations,cancelled_annotations,total_predictions,"
+                   "predictions_model_versions")
+        page, seen = 1, 0
         while True:
-            # further pages are fetched lazily, inside next(): guard each
-            task = self._guard(what, lambda: next(iterator, None))
-            if task is None:
+            what = f"tasks of project {project_id} (page {page})"
+            # fields=all: without it the listing leaves predictions_model_versions empty; include
+            # still limits it to these fields. resolve_uri=false: the media as stored (s3://...),
+            # not a presigned URL that would be written back and expire
+            body = self._get_json(what, "api/tasks", {"project": project_id, "include": include, "fields": "all",
+                                                      "resolve_uri": "false", "page_size": PAGE_SIZE, "page": page})
+            tasks = body.get("tasks") if isinstance(body, dict) else None
+            if not isinstance(tasks, list):
+                raise PushError(f"{what}: Label Studio answered without a task list")
+            for task in tasks:
+                meta = task.get("meta")
+                people = (task.get("total_annotations") or 0) + (task.get("cancelled_annotations") or 0)
+                yield ExistingTask(int(task["id"]), dict(task.get("data") or {}), people,
+                                   task.get("total_predictions") or 0, _versions(task.get("predictions_model_versions")),
+                                   dict(meta) if isinstance(meta, dict) else {})
+            seen += len(tasks)
+            if not tasks or seen >= (body.get("total") or 0):
                 return
-            yield ExistingTask(task.id, dict(task.data or {}), task.total_annotations or 0,
-                               task.total_predictions or 0, _versions(task.predictions_model_versions),
-                               dict(task.meta) if isinstance(task.meta, dict) else {})
+            page += 1
+
+    def _get_json(self, what: str, path: str, params: dict) -> Any:
+        """A GET through the SDK's HTTP client (auth, base URL), retried over a dropped connection."""
+        import httpx
+
+        http = self.client._client_wrapper.httpx_client
+
+        def get():
+            self.requests["read"] += 1
+            try:
+                response = http.request(path, method="GET", params=params, request_options={"max_retries": RETRIES})
+            except httpx.HTTPError as err:
+                raise PushError(f"{what}: cannot reach Label Studio at {self.url} ({type(err).__name__}); "
+                                "check LABEL_STUDIO_URL and that the server is up") from None
+            if response.status_code >= 300:
+                try:
+                    detail = response.json()
+                except ValueError:
+                    detail = response.text
+                raise PushError(self._explain(what, response.status_code, detail))
+            try:
+                return orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                raise PushError(f"{what}: Label Studio answered {response.status_code} without JSON") from None
+
+        return self._retrying(what, get)
 
     def task_predictions(self, task_id: int) -> list[tuple[int, str]]:
         """(prediction id, model_version) of one task's predictions."""
@@ -522,10 +570,22 @@ class Pusher:
         self._retrying(f"delete task {task_id}", delete)
 
     def update_task(self, task_id: int, data: dict | None = None, meta: dict | None = None) -> None:
+        from label_studio_sdk.core.api_error import ApiError
+
         fields = {k: v for k, v in (("data", data), ("meta", meta)) if v is not None}
+        what = f"update task {task_id}"
+
+        def update():
+            try:
+                self.client.tasks.update(str(task_id), **fields, request_options=self.options)
+            except ApiError as err:  # refused for what it holds: this item's problem, not the run's
+                if err.status_code is not None and 400 <= err.status_code < 500 and err.status_code not in (
+                        401, 403, 404, 429):
+                    raise Rejected(self._explain(what, err.status_code, err.body)) from None
+                raise
+
         self.requests["write"] += 1
-        self._retrying(f"update task {task_id}",
-                       lambda: self.client.tasks.update(str(task_id), **fields, request_options=self.options))
+        self._retrying(what, update)
 
     def set_model_version(self, project_id: int, version: str) -> None:
         self.requests["write"] += 1
@@ -566,10 +626,10 @@ def apply(pusher: Pusher, project_id: int, changes: Iterable[Change | None], dry
     from concurrent.futures import ThreadPoolExecutor
 
     def write(batch: list[Change]) -> BatchResult:
-        # the two bulk requests are split apart: what one of them landed is never sent again
-        updates = _bisect([c for c in batch if c.new_task is None], lambda b: _flush_existing(pusher, project_id, b))
+        existing = [c for c in batch if c.new_task is None]
+        updates = _write_existing(pusher, project_id, existing)
         creates = _bisect([c for c in batch if c.new_task is not None],
-                          lambda b: pusher.import_tasks(project_id, [c.new_task for c in b]))
+                          lambda b, resend: pusher.import_tasks(project_id, [c.new_task for c in b]))
         return BatchResult(updates.landed + creates.landed, updates.refused + creates.refused)
 
     def run(batch: list[Change]) -> None:
@@ -603,37 +663,72 @@ def apply(pusher: Pusher, project_id: int, changes: Iterable[Change | None], dry
             in_flight.result()
 
 
-def _bisect(batch: list[Change], send: Callable[[list[Change]], None]) -> BatchResult:
-    """Send a batch; when Label Studio rejects it for its content, send each half, down to the
-    single changes at fault."""
+def _bisect(batch: list[Change], send: Callable[[list[Change], bool], None], resend: bool = False) -> BatchResult:
+    """Send a batch; when Label Studio rejects it for its content, send each half (told that it is
+    a resend), down to the single changes at fault."""
     if not batch:
         return BatchResult([], [])
     try:
-        send(batch)
+        send(batch, resend)
         return BatchResult(batch, [])
     except Rejected as err:
         if len(batch) == 1:
             return BatchResult([], [(batch[0], str(err))])
     half = len(batch) // 2
-    first, second = _bisect(batch[:half], send), _bisect(batch[half:], send)
+    first, second = _bisect(batch[:half], send, True), _bisect(batch[half:], send, True)
     return BatchResult(first.landed + second.landed, first.refused + second.refused)
 
 
-def _flush_existing(pusher: Pusher, project_id: int, batch: list[Change]) -> None:
-    """Changes to existing tasks: their old versions go first, then the new predictions in one
-    bulk request, then the task's record of them (a run killed before the record replaces the
-    version again next time, so nothing is ever doubled)."""
+def _write_existing(pusher: Pusher, project_id: int, batch: list[Change]) -> BatchResult:
+    """Changes to existing tasks, in an order a run killed between any two requests cannot harm:
+    1. the task is claimed for its item first (the dataloop_* keys it lacked), so a prediction never
+       sits on a task that does not yet say whose it is;
+    2. the versions to replace are deleted once, and tasks that go are deleted;
+    3. the new predictions go in one bulk request (split to find the items at fault when Label
+       Studio rejects it; a resent half first deletes the versions it writes, in case part of the
+       rejected request landed);
+    4. the task's record of what dl2ls wrote comes last, so a run killed before it replaces the
+       version again next time: nothing is ever doubled."""
+    refused: list[tuple[Change, str]] = []
+    ready: list[Change] = []
     for change in batch:
-        if change.replace_versions:
-            doomed = set(change.replace_versions)
-            for pid, version in pusher.task_predictions(change.task_id):
-                if version in doomed:
-                    pusher.delete_prediction(pid)
-        if change.delete_task:
-            pusher.delete_task(change.task_id)
-    writes = [orjson.dumps(w) for c in batch for w in c.write]
-    if writes:
-        pusher.import_predictions(project_id, writes)
-    for change in batch:
-        if (change.data_update is not None or change.meta_update is not None) and not change.delete_task:
-            pusher.update_task(change.task_id, data=change.data_update, meta=change.meta_update)
+        try:
+            if change.data_update is not None and not change.delete_task:
+                pusher.update_task(change.task_id, data=change.data_update)
+            if change.delete_task:
+                pusher.delete_task(change.task_id)
+            elif change.replace_versions:
+                _delete_versions(pusher, change.task_id, set(change.replace_versions))
+        except Rejected as err:
+            refused.append((change, str(err)))
+            continue
+        ready.append(change)
+
+    def send(part: list[Change], resend: bool) -> None:
+        if resend:
+            for change in part:
+                _delete_versions(pusher, change.task_id, {w["model_version"] for w in change.write})
+        writes = [orjson.dumps(w) for c in part for w in c.write]
+        if writes:
+            pusher.import_predictions(project_id, writes)
+
+    imported = _bisect(ready, send)
+    refused += imported.refused
+    landed = []
+    for change in imported.landed:
+        try:
+            if change.meta_update is not None and not change.delete_task:
+                pusher.update_task(change.task_id, meta=change.meta_update)
+        except Rejected as err:
+            refused.append((change, str(err)))
+            continue
+        landed.append(change)
+    return BatchResult(landed, refused)
+
+
+def _delete_versions(pusher: Pusher, task_id: int, versions: set[str]) -> None:
+    if not versions:
+        return
+    for pid, version in pusher.task_predictions(task_id):
+        if version in versions:
+            pusher.delete_prediction(pid)
