@@ -25,6 +25,21 @@ def app(tmp_path, monkeypatch):
     return server.create_app(str(tmp_path)).test_client(), tmp_path
 
 
+def reindexed(client, before: int | None = None) -> None:
+    """Wait until the index has seen a change made to the source (it is watched in a thread)."""
+    import time
+
+    start = client.get("/health").json["index_generation"] if before is None else before
+    deadline = time.monotonic() + 10
+    while client.get("/health").json["index_generation"] <= start:
+        assert time.monotonic() < deadline, "the index never saw the change"
+        time.sleep(0.02)
+
+
+def generation(client) -> int:
+    return client.get("/health").json["index_generation"]
+
+
 def predict(client, data):
     r = client.post("/predict", json={"tasks": [{"data": data}], "label_config": CONFIG, "project": "1.1"})
     assert r.status_code == 200, r.json
@@ -44,9 +59,11 @@ def test_a_changed_source_is_picked_up_without_a_restart(app):
     client, folder = app
     assert predict(client, {"dataloop_item_id": "item1"})["result"][0]["value"]["labels"] == ["car"]
     time.sleep(0.01)
+    before = generation(client)
     path = folder / "clip.mp4.json"
     path.write_text(json.dumps(video_item([box_annotation("a1", label="bus", end=5)])))
     os.utime(path, None)
+    reindexed(client, before)  # seen by the index's own thread, not by a request
     assert predict(client, {"dataloop_item_id": "item1"})["result"][0]["value"]["labels"] == ["bus"]
 
 
@@ -137,7 +154,9 @@ def test_predict_answers_413_for_bodies_over_the_limit(tmp_path, monkeypatch):
 
 def test_predict_gives_an_item_that_cannot_be_converted_an_empty_list_and_one_log_line(app, caplog):
     client, folder = app
+    before = generation(client)
     (folder / "pic.jpg.json").write_text(json.dumps(image_item([])))  # the config has no <Image>
+    reindexed(client, before)
     caplog.set_level(logging.INFO)
     results = post_tasks(client, [{"id": 41, "data": {"dataloop_item_id": "img1"}},
                                   {"id": 42, "data": {"dataloop_item_id": "item1"}}])
@@ -218,10 +237,14 @@ def test_index_never_raises_and_health_counts_unreadable_entries(tmp_path, monke
             yield entry
 
     monkeypatch.setattr(server, "iter_items", reader_with_a_bug)
+    before = generation(client)
     (tmp_path / "later.json").write_text("{}")
+    reindexed(client, before)
     assert labels(post_tasks(client, [{"data": {"dataloop_item_id": "item1"}}])[0]) == ["car"]
     assert client.get("/health").json["unreadable"] == 4
+    before = generation(client)
     (tmp_path / "new.json").write_text("nonsense")
+    reindexed(client, before)
     assert labels(post_tasks(client, [{"data": {"dataloop_item_id": "item1"}}])[0]) == ["car"]
     assert client.get("/health").json["unreadable"] == 5
     unreadable = [m for m in messages(caplog, logging.WARNING) if m.startswith("unreadable:")]

@@ -76,6 +76,7 @@ class Indexed:
     """One indexing of the sources, swapped in whole: a request never sees half of one."""
 
     signature: tuple = ()
+    generation: int = 0  # counts indexings: what the conversion cache is keyed by
     by_id: dict[str, list[Located]] = field(default_factory=dict)
     by_path: PathIndex = field(default_factory=PathIndex)  # locator -> media path
     at: dict[Locator, Located] = field(default_factory=dict)
@@ -112,11 +113,36 @@ class SourceIndex:
         self.lock = threading.Lock()
         self.checked = 0.0
         self.current = Indexed()
+        self.watcher: tuple[int, threading.Thread] | None = None
         self.refresh(force=True)
+
+    def watch(self) -> None:
+        """Look at the source for changes every RESCAN_SECONDS in a thread of this process, never
+        inside a request: a large source is walked and re-read beside the requests, which go on
+        with the index they have. Started on the first request, so that it runs in each gunicorn
+        worker (a thread started before the fork would not)."""
+        if self.watcher is not None and self.watcher[0] == os.getpid():
+            return
+        with self.lock:
+            if self.watcher is not None and self.watcher[0] == os.getpid():
+                return
+
+            def loop() -> None:
+                while True:
+                    time.sleep(max(RESCAN_SECONDS, 0.05))
+                    self.refresh()
+
+            thread = threading.Thread(target=loop, name="dl2ls-index", daemon=True)
+            thread.start()
+            self.watcher = (os.getpid(), thread)
 
     @property
     def signature(self) -> tuple:
         return self.current.signature
+
+    @property
+    def generation(self) -> int:
+        return self.current.generation
 
     @property
     def count(self) -> int:
@@ -149,6 +175,7 @@ class SourceIndex:
                 if signature == self.current.signature and not force:
                     return
                 fresh = self._index(signature)
+                fresh.generation = self.current.generation + 1
             except Exception as err:  # noqa: BLE001 - a broken disk must not take /predict down
                 log.error("indexing %s failed, still serving the previous index: %s",
                           escape(", ".join(self.sources)), escape(describe(err)))
@@ -270,7 +297,7 @@ class Predictor:
     def predict(self, name: str, where: Located, config: lsconfig.LabelConfig, config_key: str) -> Answer:
         """One prediction: every Dataloop annotation of the item, merged into one result list
         (Label Studio takes one prediction per task from a backend)."""
-        key = (where.locator, self.index.signature, config_key)  # a changed source changes the signature
+        key = (where.locator, self.index.generation, config_key)  # a changed source is indexed anew
         with self.lock:
             hit = self.cache.get(key)
             if hit is not None:
@@ -392,6 +419,10 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
 
     @app.before_request
+    def watch_source():
+        index.watch()  # once per worker process: the source is watched beside the requests
+
+    @app.before_request
     def check_auth():
         if user and password and request.path != "/health" and not _authorized(user, password):
             response = jsonify(error="authentication required")
@@ -410,7 +441,7 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
     @app.get("/health")
     def health():  # no file I/O: Label Studio gives /health one second
         return jsonify(status="UP", model_class="dl2ls", model_version=version,
-                       items=index.count, unreadable=index.unreadable)
+                       items=index.count, unreadable=index.unreadable, index_generation=index.generation)
 
     @app.post("/setup")
     def setup():
@@ -426,7 +457,6 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
         if not isinstance(tasks, list):
             raise BadRequest("`tasks` must be a list")
         config, config_key = _config_from(data)
-        index.refresh()
         results = [predictor.answer(i, task, config, config_key) for i, task in enumerate(tasks)]
         return jsonify(results=results, model_version=version)
 
