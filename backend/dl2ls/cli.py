@@ -23,7 +23,8 @@ import orjson
 
 from dl2ls import __version__
 from dl2ls.convert import (
-    KindError, convert_sources, entry_key, identities, scan_config, settings_fingerprint, source_of, verify_sources,
+    KindError, convert_entries, convert_sources, entry_key, identities, scan, scan_config, settings_fingerprint,
+    source_of, verify_sources,
 )
 from dl2ls.dataloop.model import LIMITS, MediaDefaults
 from dl2ls.labelstudio import config as lsconfig
@@ -269,18 +270,30 @@ def cmd_push(args) -> int:
                 config = _parse_config(project.label_config or xml, f"project {project_id}'s labeling config")
     elif args.label_config:
         raise UsageError("--label-config goes with --new-project; an existing project's own config is used")
+    scanned = None
     if args.project is not None:
         project = pusher.project(args.project)
         project_id, current_version = project.id, project.model_version
         config = _parse_config(project.label_config or "", f"project {project_id}'s labeling config")
-        existing = list(pusher.existing_tasks(project_id))
+        if project.task_number:
+            # the project's tasks are listed (the server's time) while the sources are read and
+            # hashed (ours); only the items that changed are read again and converted
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dl2ls-list") as pool:
+                listing = pool.submit(lambda: list(pusher.existing_tasks(project_id)))
+                try:
+                    scanned = scan(args.sources, limits)
+                finally:
+                    existing = listing.result()
         log.info("project %d: %d tasks", project_id, len(existing))
     options.config = config
     stats, report = push.Stats(), Report()
     planner = push.Planner(existing, config.objects[0].data_key, args.match,
                            warn=lambda line: report.warn("push", line))
     if args.match == "filename":
-        planner.match_paths(identities(args.sources, limits))
+        found = {s.key: s.filename for s in scanned if s.key} if scanned is not None else identities(args.sources, limits)
+        planner.match_paths(found)
 
     def refused(result: push.BatchResult) -> None:
         for change, why in result.refused:
@@ -293,9 +306,20 @@ def cmd_push(args) -> int:
         key = entry_key(entry)
         return key is not None and planner.unchanged(key, source_of(entry.digest, fingerprint) or "", stats)
 
+    def changed_entries():
+        for one in scanned:
+            if one.key is not None and planner.unchanged(one.key, source_of(one.entry.digest, fingerprint) or "",
+                                                         stats):
+                report.items_unchanged += 1
+                continue
+            yield one.reload(limits)
+
     def changes():
-        for converted in convert_sources(args.sources, options, defaults, report, args.kind, limits, "push",
-                                         skip=unchanged):
+        converted_items = (convert_entries(changed_entries(), options, defaults, report, args.kind)
+                           if scanned is not None else
+                           convert_sources(args.sources, options, defaults, report, args.kind, limits, "push",
+                                           skip=unchanged))
+        for converted in converted_items:
             yield planner.plan(converted.task, converted.body, stats, source=source_of(converted.digest, fingerprint))
 
     try:

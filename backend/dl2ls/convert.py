@@ -14,13 +14,13 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import orjson
 
 from dl2ls import __version__
 from dl2ls.dataloop.model import MediaDefaults, decode_annotation, item_id, media_of
-from dl2ls.dataloop.read import DEFAULT_LIMITS, Entry, ReadLimits, count_items, iter_items
+from dl2ls.dataloop.read import DEFAULT_LIMITS, Entry, ReadLimits, count_items, iter_items, load_item
 from dl2ls.labelstudio import config as lsconfig
 from dl2ls.labelstudio.evaluate import Mismatch, Verdict, compare_item
 from dl2ls.labelstudio.identity import TasksByItem
@@ -137,14 +137,52 @@ def entry_key(entry: Entry) -> str | None:
     return key if key else (f"file:{entry.item.filename}" if entry.item.filename else None)
 
 
+@dataclass(slots=True)
+class Scanned:
+    """An entry seen once, without its item: enough to decide whether it must be converted, and
+    to read it again if so (memory: a few strings per item, not the items)."""
+
+    entry: Entry  # its item dropped; an error or a note kept as is
+    key: str | None
+    filename: str | None
+
+    def reload(self, limits: ReadLimits | None) -> Entry:
+        e = self.entry
+        if e.item is not None or e.error is not None or e.note or e.locator is None:
+            return e
+        try:
+            item = load_item(e.locator, e.origin, limits=limits or DEFAULT_LIMITS)
+        except InputError as err:
+            return Entry(e.origin, error=err)
+        return Entry(e.origin, item=item, locator=e.locator, digest=e.digest)
+
+
+def scan(sources: list[str], limits: ReadLimits | None = None) -> list[Scanned]:
+    """Every entry's identity, path and digest, the items themselves let go."""
+    out = []
+    for entry in entries(sources, "scan", limits):
+        item = entry.item
+        light = Entry(entry.origin, error=entry.error, note=entry.note, locator=entry.locator, digest=entry.digest)
+        out.append(Scanned(light if item is not None and entry.locator is not None else entry, entry_key(entry),
+                           (item.filename or item.name) if item is not None else None))
+    return out
+
+
 def convert_sources(sources: list[str], options: ConvertOptions, defaults: MediaDefaults, report: Report,
                     kind: str | None = None, limits: ReadLimits | None = None,
                     what: str = "convert", skip: Callable[[Entry], bool] | None = None) -> Iterator[Converted]:
+    """Every item of the sources through `convert_item` (see convert_entries)."""
+    return convert_entries(entries(sources, what, limits), options, defaults, report, kind, skip)
+
+
+def convert_entries(source_entries: Iterable[Entry], options: ConvertOptions, defaults: MediaDefaults,
+                    report: Report, kind: str | None = None,
+                    skip: Callable[[Entry], bool] | None = None) -> Iterator[Converted]:
     """Every item of the sources through `convert_item`, counted into `report`; yields the items
     that became tasks. Items of another kind than `kind` are left out with a line each; without
     `kind`, a second kind of media stops the run (KindError) rather than mixing them."""
     first_kind = kind
-    for entry in entries(sources, what, limits):
+    for entry in source_entries:
         if skip is not None and skip(entry):  # unchanged since it was last converted and written
             report.items_unchanged += 1
             continue
