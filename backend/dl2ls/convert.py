@@ -9,6 +9,7 @@ batch's, and the bulk writers reuse the bytes instead of serialising twice.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -151,7 +152,7 @@ class Scanned:
         if e.item is not None or e.error is not None or e.note or e.locator is None:
             return e
         try:
-            item = load_item(e.locator, e.origin, limits=limits or DEFAULT_LIMITS)
+            item = load_item(e.locator, e.origin, limits=limits or DEFAULT_LIMITS)  # digest: kept from the scan
         except InputError as err:
             return Entry(e.origin, error=err)
         return Entry(e.origin, item=item, locator=e.locator, digest=e.digest)
@@ -160,7 +161,7 @@ class Scanned:
 def scan(sources: list[str], limits: ReadLimits | None = None) -> list[Scanned]:
     """Every entry's identity, path and digest, the items themselves let go."""
     out = []
-    for entry in entries(sources, "scan", limits):
+    for entry in entries(sources, "scan", with_digests(limits)):
         item = entry.item
         light = Entry(entry.origin, error=entry.error, note=entry.note, locator=entry.locator, digest=entry.digest)
         out.append(Scanned(light if item is not None and entry.locator is not None else entry, entry_key(entry),
@@ -168,11 +169,17 @@ def scan(sources: list[str], limits: ReadLimits | None = None) -> list[Scanned]:
     return out
 
 
+def with_digests(limits: ReadLimits | None) -> ReadLimits:
+    return dataclasses.replace(limits or DEFAULT_LIMITS, digests=True)
+
+
 def convert_sources(sources: list[str], options: ConvertOptions, defaults: MediaDefaults, report: Report,
                     kind: str | None = None, limits: ReadLimits | None = None,
                     what: str = "convert", skip: Callable[[Entry], bool] | None = None) -> Iterator[Converted]:
-    """Every item of the sources through `convert_item` (see convert_entries)."""
-    return convert_entries(entries(sources, what, limits), options, defaults, report, kind, skip)
+    """Every item of the sources through `convert_item` (see convert_entries); with `skip`, the
+    entries carry the digest of their bytes that it needs."""
+    read = with_digests(limits) if skip is not None else limits
+    return convert_entries(entries(sources, what, read), options, defaults, report, kind, skip)
 
 
 def convert_entries(source_entries: Iterable[Entry], options: ConvertOptions, defaults: MediaDefaults,

@@ -44,6 +44,7 @@ class ReadLimits:
     max_item_bytes: int = 512 << 20  # one item's JSON (a file, an array element, a zip entry)
     max_zip_ratio: int = 200  # a zip entry may inflate at most this many times its compressed size ...
     zip_ratio_floor: int = 16 << 20  # ... once it is larger than this (small JSON compresses very well)
+    digests: bool = False  # give each entry a digest of its bytes (push asks; hashing costs ~0.5 s/GB)
 
 
 DEFAULT_LIMITS = ReadLimits()
@@ -378,8 +379,10 @@ _WS = b" \t\r\n"
 Buffer = bytes | bytearray | PreadBuffer
 
 
-def _digest(*parts) -> str:
-    h = hashlib.blake2b(digest_size=16)
+def _digest(limits: ReadLimits, *parts) -> str | None:
+    if not limits.digests:
+        return None
+    h = hashlib.sha1()  # the fastest of hashlib's here (SHA extensions)
     for part in parts:
         h.update(part)
         h.update(b"\x00")
@@ -398,7 +401,7 @@ def _iter_document(buf: Buffer, origin: str, locator: Locator, limits: ReadLimit
             # decoded straight from the buffer: a validated item keeps no reference to it
             data = buf if not isinstance(buf, PreadBuffer) else buf[:]
             item = decode_item(data, origin)
-            yield Entry(origin, item=_name_if_anonymous(item, locator), locator=locator, digest=_digest(data))
+            yield Entry(origin, item=_name_if_anonymous(item, locator), locator=locator, digest=_digest(limits, data))
         except InputError as err:
             yield Entry(origin, error=err)
     elif first == ord("["):
@@ -456,7 +459,7 @@ def _iter_array(buf: Buffer, origin: str, locator: Locator, limits: ReadLimits) 
             raws = [msgspec.Raw(buf[a:b]) for a, b in elements]
             remote = locator.remote or "/" + origin
             item = Item(annotations=raws, name=remote.rsplit("/", 1)[-1], filename=remote)
-            yield Entry(origin, item=item, locator=locator, digest=_digest(*raws))
+            yield Entry(origin, item=item, locator=locator, digest=_digest(limits, *raws))
         elif isinstance(head, dict) and ("annotations" in head or "filename" in head or "metadata" in head):
             for index, (a, b) in enumerate(elements):
                 sub = f"{origin}[{index}]"
@@ -467,7 +470,7 @@ def _iter_array(buf: Buffer, origin: str, locator: Locator, limits: ReadLimits) 
                 try:
                     data = buf[a:b]
                     entry = Entry(sub, item=_name_if_anonymous(decode_item(data, sub), where), locator=where,
-                                  digest=_digest(data))
+                                  digest=_digest(limits, data))
                 except InputError as err:
                     entry = Entry(sub, error=err)
                 yield entry
