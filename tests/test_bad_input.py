@@ -93,8 +93,9 @@ DEFAULT_FPS = "no fps in the item: Dataloop's default 25 used (pass --fps to set
     ({"fps": 1e-300, "system": VIDEO}, "item metadata.fps 1e-300 is not a frame rate"),
     ({"fps": 1e6, "system": VIDEO}, "item metadata.fps 1000000.0 is not a frame rate"),
     ({"system": {**VIDEO, "fps": 0}}, "item metadata.system.fps 0 is not a frame rate"),
-    ({"system": {**VIDEO, "ffmpeg": {"avg_frame_rate": "0/0"}}},
-     "item metadata.system.ffmpeg.avg_frame_rate '0/0' is not a frame rate"),
+    ({"system": {**VIDEO, "ffmpeg": {"avg_frame_rate": "0/0"}}}, DEFAULT_FPS),  # ffprobe's "unknown": no value
+    ({"system": {**VIDEO, "ffmpeg": {"avg_frame_rate": "30/0"}}},
+     "item metadata.system.ffmpeg.avg_frame_rate '30/0' is not a frame rate"),
     ({"fps": "29.97", "system": VIDEO}, 29.97),  # a numeric string is a number
     ({"fps": None, "system": {**VIDEO, "fps": 30}}, 30.0),  # null is absent
     ({"system": {**VIDEO, "ffmpeg": {"avg_frame_rate": "30000/1001"}}}, 30000 / 1001),
@@ -118,8 +119,9 @@ def test_item_metadata(metadata, expected):
     assert task["data"]["fps"] == (25.0 if expected == DEFAULT_FPS else expected)
 
 
-def test_fps_default_from_the_command_line_is_not_a_warning():
-    item = {**video_item([box_annotation(end=3)]), "metadata": {"system": VIDEO}}
+@pytest.mark.parametrize("system", [VIDEO, {**VIDEO, "fps": None, "ffmpeg": {"avg_frame_rate": "0/0"}}])
+def test_fps_default_from_the_command_line_is_not_a_warning(system):
+    item = {**video_item([box_annotation(end=3)]), "metadata": {"system": system}}
     _, task, report = convert(item, MediaDefaults(fps=30))
     assert task["data"]["fps"] == 30 and not [p for p in report.problems if p.outcome == "warning"]
 

@@ -354,8 +354,8 @@ def _fps(md: ItemMetadata | None, system: ItemSystem, ff: Ffmpeg, defaults: Medi
     fields = (("metadata.fps", md.fps if md is not None else None), ("metadata.system.fps", system.fps),
               ("metadata.system.ffmpeg.avg_frame_rate", ff.avg_frame_rate))
     for name, value in fields:
-        if value is None:
-            continue
+        if value is None or (name.endswith("avg_frame_rate") and value == "0/0"):
+            continue  # null, and ffprobe's own "rate unknown", are no value: the next source may have one
         rate = _rate(value)
         if rate is None or not FLOORS["fps"] <= rate <= LIMITS["fps"]:
             raise InputError(origin, None, f"item {name} {repr(value)[:80]} is not a frame rate "
