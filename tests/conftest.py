@@ -197,6 +197,36 @@ def label_studio(tmp_path_factory, ls_media_root):
         server.stop()
 
 
+class KilledAfterImport:
+    """A push or sync killed right after a bulk task import landed (Ctrl-C as the answer arrives):
+    `arm()` makes the next imports land and then raise KeyboardInterrupt; `disarm()` restores them;
+    `sizes` records how many tasks each landed import held."""
+
+    def __init__(self, monkeypatch):
+        from dl2ls.labelstudio import push
+
+        self.monkeypatch, self.push, self.original = monkeypatch, push, push.Pusher.import_tasks
+        self.sizes: list[int] = []
+
+    def arm(self) -> None:
+        original, sizes = self.original, self.sizes
+
+        def land_then_die(pusher, project_id, tasks):
+            original(pusher, project_id, tasks)
+            sizes.append(len(tasks))
+            raise KeyboardInterrupt
+
+        self.monkeypatch.setattr(self.push.Pusher, "import_tasks", land_then_die)
+
+    def disarm(self) -> None:
+        self.monkeypatch.setattr(self.push.Pusher, "import_tasks", self.original)
+
+
+@pytest.fixture
+def killed_after_import(monkeypatch) -> KilledAfterImport:
+    return KilledAfterImport(monkeypatch)
+
+
 @pytest.fixture
 def ls_env(label_studio, monkeypatch):
     url, token = label_studio

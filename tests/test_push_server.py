@@ -145,25 +145,17 @@ def test_changes_replace_only_their_version_and_leave_annotations_alone(ls_env, 
     assert new["result"][0]["value"]["labels"] == ["pedestrian"]
 
 
-def test_an_interrupted_push_converges_on_the_next_run(ls_env, tmp_path, capsys, monkeypatch):
+def test_an_interrupted_push_converges_on_the_next_run(ls_env, tmp_path, capsys, monkeypatch, killed_after_import):
     src = make_export(tmp_path / "export", 5)
     monkeypatch.setattr(push_module, "BATCH_TASKS", 2)
     monkeypatch.setattr(push_module, "FIRST_BATCH", 2)
-    original = push_module.Pusher.import_tasks
-    calls = []
-
-    def import_then_die(self, project_id, tasks):
-        original(self, project_id, tasks)
-        calls.append(len(tasks))
-        raise KeyboardInterrupt  # killed right after the first batch landed
-
-    monkeypatch.setattr(push_module.Pusher, "import_tasks", import_then_die)
+    killed_after_import.arm()  # killed right after the first batch landed
     code, _, _ = run(capsys, "push", src, "--new-project", "interrupted")
-    assert code == 130 and calls == [2]
+    assert code == 130 and killed_after_import.sizes == [2]
     pid = next(p.id for p in ls_env.projects.list() if p.title == "interrupted")
     assert len(stored(ls_env, pid)) == 2
 
-    monkeypatch.setattr(push_module.Pusher, "import_tasks", original)
+    killed_after_import.disarm()
     code, rep = push_report(capsys, tmp_path, src, "--project", pid)
     assert code == 0 and rep["push"]["tasks_created"] == 3 and rep["push"]["predictions_unchanged"] == 2
     held = stored(ls_env, pid)

@@ -31,8 +31,9 @@ def world(ls_env, tmp_path, monkeypatch):
     standin.stop()
 
 
-def sync(capsys, project_id, state) -> tuple[int, str]:
-    code = main(["sync", "--dataset", "ds1", "--project", str(project_id), "--once", "--state", str(state)])
+def sync(capsys, project_id, state, *extra) -> tuple[int, str]:
+    code = main(["sync", "--dataset", "ds1", "--project", str(project_id), "--once", "--state", str(state),
+                 *map(str, extra)])
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return code, err
@@ -116,20 +117,14 @@ def test_edits_deleted_annotations_deleted_items_and_new_items(world, ls_env, ca
     assert all(len(now[i]["versions"]["dataloop-human"]) == 1 for i in (ids[4], ids[5], sample_item(100)["id"]))
 
 
-def test_a_sync_killed_halfway_converges(world, ls_env, capsys, monkeypatch):
+def test_a_sync_killed_halfway_converges(world, ls_env, capsys, monkeypatch, killed_after_import):
     standin, pid, state = world
     monkeypatch.setattr(push_module, "BATCH_TASKS", 2)
     monkeypatch.setattr(push_module, "FIRST_BATCH", 2)
-    original = push_module.Pusher.import_tasks
-
-    def land_then_die(self, project_id, tasks):
-        original(self, project_id, tasks)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(push_module.Pusher, "import_tasks", land_then_die)
+    killed_after_import.arm()
     code, _ = sync(capsys, pid, state)
     assert code == 130 and len(held(ls_env, pid)) == 2
-    monkeypatch.setattr(push_module.Pusher, "import_tasks", original)
+    killed_after_import.disarm()
     code, err = sync(capsys, pid, state)
     assert code == 0
     now = held(ls_env, pid)

@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-from dl2ls.cli import main
 from dl2ls.labelstudio import push as push_module
 from test_dataloop_api import sample_item
 from test_push_server import TRACKER, make_export, push_report, run, stored
@@ -92,18 +91,12 @@ def test_a_re_push_leaves_the_tasks_media_untouched(ls_env, tmp_path, capsys):
     assert stored(ls_env, pid)["item0001"]["task"].data["video"] == "https://example.com/clip_1.webm"
 
 
-def test_new_project_run_twice_leaves_one_project(ls_env, tmp_path, capsys, monkeypatch):
+def test_new_project_run_twice_leaves_one_project(ls_env, tmp_path, capsys, monkeypatch, killed_after_import):
     src = make_export(tmp_path / "export", 3)
     monkeypatch.setattr(push_module, "FIRST_BATCH", 1)
-    original = push_module.Pusher.import_tasks
-
-    def die(self, project_id, tasks):
-        original(self, project_id, tasks)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(push_module.Pusher, "import_tasks", die)
+    killed_after_import.arm()
     assert run(capsys, "push", src, "--new-project", "once only")[0] == 130
-    monkeypatch.setattr(push_module.Pusher, "import_tasks", original)
+    killed_after_import.disarm()
     code, rep = push_report(capsys, tmp_path, src, "--new-project", "once only")
     assert code == 0 and rep["push"]["tasks_created"] == 2
     projects = [p for p in ls_env.projects.list(title="once only") if p.title == "once only"]
@@ -143,19 +136,12 @@ def dataset(ls_env, tmp_path, monkeypatch):
     standin.stop()
 
 
-def sync_with(capsys, pid, state, *extra) -> tuple[int, str]:
-    code = main(["sync", "--dataset", "ds1", "--project", str(pid), "--once", "--state", str(state), *map(str, extra)])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return code, err
-
-
 def test_a_changed_filter_deletes_nothing(dataset, ls_env, capsys, tmp_path):
     standin, pid, state = dataset
     for batch in ("/batch1", "/batch2", "/batch1"):
         flt = tmp_path / f"{batch[1:]}.json"
         flt.write_text(json.dumps({"dir": batch}))
-        code, err = sync_with(capsys, pid, state, "--filter", flt)
+        code, err = sync(capsys, pid, state, "--filter", flt)
         assert code == 0, err
     now = held(ls_env, pid)
     assert len(now) == 30 and all(len(h["versions"]["dataloop-human"]) == 1 for h in now.values())
@@ -163,27 +149,27 @@ def test_a_changed_filter_deletes_nothing(dataset, ls_env, capsys, tmp_path):
 
 def test_a_mass_deletion_is_refused_with_a_list(dataset, ls_env, capsys):
     standin, pid, state = dataset
-    assert sync_with(capsys, pid, state)[0] == 0
+    assert sync(capsys, pid, state)[0] == 0
     gone = sorted(standin.datasets["ds1"])[:25]
     for item_id in gone:
         del standin.datasets["ds1"][item_id]
-    code, err = sync_with(capsys, pid, state)
+    code, err = sync(capsys, pid, state)
     assert code == 1 and "refused to delete 25 of 30" in err and gone[0] in err and "--allow-mass-delete" in err
     assert len(held(ls_env, pid)) == 30
-    code, err = sync_with(capsys, pid, state, "--allow-mass-delete")
+    code, err = sync(capsys, pid, state, "--allow-mass-delete")
     assert code == 0 and "deleted 25" in err
     assert set(held(ls_env, pid)) == set(standin.datasets["ds1"])
 
 
 def test_an_item_that_merely_left_the_listing_is_not_deleted(dataset, ls_env, capsys):
     standin, pid, state = dataset
-    assert sync_with(capsys, pid, state)[0] == 0
+    assert sync(capsys, pid, state)[0] == 0
     hidden = sorted(standin.datasets["ds1"])[0]
     standin.datasets["ds1"][hidden]["hidden"] = True  # still in Dataloop, no longer listed
     original = standin.datasets["ds1"][hidden]
     del standin.datasets["ds1"][hidden]
     standin.datasets.setdefault("elsewhere", {})[hidden] = original  # GET /items/{id} still finds it
-    code, err = sync_with(capsys, pid, state)
+    code, err = sync(capsys, pid, state)
     assert code == 0 and "left the scope 1" in err
     assert len(held(ls_env, pid)[hidden]["versions"]["dataloop-human"]) == 1
 
@@ -199,13 +185,13 @@ def test_a_poisoned_item_is_quarantined_while_the_rest_converge(dataset, ls_env,
         return original(self, what, path, parts)
 
     monkeypatch.setattr(push_module.Pusher, "_post_bulk", refuse_poison)
-    code, err = sync_with(capsys, pid, state)
+    code, err = sync(capsys, pid, state)
     assert code == 1 and poison in err and "refused" in err
     now = held(ls_env, pid)
     assert len(now) == 29 and all(len(h["versions"]["dataloop-human"]) == 1 for h in now.values())
-    code, err = sync_with(capsys, pid, state)  # tried again once, then it waits
+    code, err = sync(capsys, pid, state)  # tried again once, then it waits
     assert code == 1
-    code, err = sync_with(capsys, pid, state)
+    code, err = sync(capsys, pid, state)
     assert code == 0 and "quarantined 1" in err and "read 0" in err
     monkeypatch.setattr(push_module.Pusher, "_post_bulk", original)
 
@@ -213,10 +199,10 @@ def test_a_poisoned_item_is_quarantined_while_the_rest_converge(dataset, ls_env,
 @pytest.mark.parametrize("omit", [set(), {"hasNextPage"}])
 def test_a_capped_page_size_deletes_nothing(dataset, ls_env, capsys, omit):
     standin, pid, state = dataset
-    assert sync_with(capsys, pid, state)[0] == 0
+    assert sync(capsys, pid, state)[0] == 0
     standin.page_cap = 7  # the server returns 7 items a page, whatever pageSize asks
     standin.omit_page_fields = omit  # and may leave hasNextPage out (totalPagesCount then tells)
-    code, err = sync_with(capsys, pid, state)
+    code, err = sync(capsys, pid, state)
     assert code == 0 and "items seen 30" in err and "deleted 0" in err
     now = held(ls_env, pid)
     assert len(now) == 30 and all(len(h["versions"]["dataloop-human"]) == 1 for h in now.values())
@@ -226,11 +212,11 @@ def test_overlapping_scopes_keep_their_own_records(dataset, ls_env, capsys, tmp_
     standin, pid, state = dataset
     flt = tmp_path / "batch1.json"
     flt.write_text(json.dumps({"dir": "/batch1"}))
-    assert sync_with(capsys, pid, state)[0] == 0  # the whole dataset
-    assert sync_with(capsys, pid, state, "--filter", flt)[0] == 0  # a part of it (reads it: a new scope)
-    code, err = sync_with(capsys, pid, state)  # the whole dataset again: nothing to read, nothing left
+    assert sync(capsys, pid, state)[0] == 0  # the whole dataset
+    assert sync(capsys, pid, state, "--filter", flt)[0] == 0  # a part of it (reads it: a new scope)
+    code, err = sync(capsys, pid, state)  # the whole dataset again: nothing to read, nothing left
     assert code == 0 and "read 0" in err and "left the scope" not in err
-    code, err = sync_with(capsys, pid, state, "--filter", flt)
+    code, err = sync(capsys, pid, state, "--filter", flt)
     assert code == 0 and "read 0" in err
 
 
