@@ -30,7 +30,6 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -39,9 +38,9 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from dl2ls.convert import convert_item
 from dl2ls.dataloop.model import MediaDefaults
-from dl2ls.dataloop.read import Entry, Locator, iter_items, load_item
+from dl2ls.dataloop.read import Entry, iter_items, load_item
 from dl2ls.labelstudio import config as lsconfig
-from dl2ls.labelstudio.identity import Best, Parts, PathIndex, media_parts, shown
+from dl2ls.labelstudio.identity import Indexed, Located, Lookup, find_item, media_parts
 from dl2ls.labelstudio.tasks import ConvertOptions, score_of
 from dl2ls.report import InputError, describe, escape
 
@@ -56,40 +55,6 @@ Answer = dict | list  # a prediction, or [] (nothing stored: Label Studio asks a
 
 
 # ----------------------------------------------------------------------------- the source index
-
-
-@dataclass(slots=True, frozen=True)
-class Located:
-    """Where one item of the source lies, and what it is known by."""
-
-    origin: str
-    locator: Locator
-    item_id: str | None
-    path: Parts  # of its media (`filename`)
-
-    def named(self) -> str:
-        return escape(f"{self.item_id or '(no id)'} ({shown(self.path) if self.path else self.origin})")
-
-
-@dataclass(slots=True)
-class Indexed:
-    """One indexing of the sources, swapped in whole: a request never sees half of one."""
-
-    signature: tuple = ()
-    generation: int = 0  # counts indexings: what the conversion cache is keyed by
-    by_id: dict[str, list[Located]] = field(default_factory=dict)
-    by_path: PathIndex = field(default_factory=PathIndex)  # locator -> media path
-    at: dict[Locator, Located] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)  # one escaped line per unreadable entry
-
-
-@dataclass(slots=True)
-class Lookup:
-    """Which item a task is, or why none."""
-
-    found: Located | None = None
-    retry: str | None = None  # the task gets [] and a log line with this reason
-    note: str | None = None  # no item, said in a log line (an empty result all the same)
 
 
 def source_files(source: str) -> list[Path]:
@@ -204,7 +169,7 @@ class SourceIndex:
                 if isinstance(one, str):
                     out.problems.append(one)
                 elif one is not None:
-                    self._add(out, one)
+                    out.add(one)
         return out
 
     @staticmethod
@@ -222,40 +187,8 @@ class SourceIndex:
             media_parts(item.name)
         return Located(entry.origin, entry.locator, item_id, parts)
 
-    @staticmethod
-    def _add(out: Indexed, where: Located) -> None:
-        out.at[where.locator] = where
-        if where.item_id:
-            out.by_id.setdefault(where.item_id, []).append(where)
-        out.by_path.add(where.path, where.locator)
-
     def find(self, data: dict, data_keys: list[str]) -> Lookup:
-        index = self.current
-        wanted = data.get("dataloop_item_id")
-        wanted = wanted if isinstance(wanted, str) and wanted else None
-        if wanted in index.by_id:
-            holders = index.by_id[wanted]
-            if len(holders) > 1:
-                names = " and ".join(h.named() for h in holders[:4])
-                return Lookup(retry=f"item id {escape(wanted)} is held by {names}")
-            return Lookup(holders[0])
-        # the media path: the longest suffix any of the task's paths shares with an item's wins
-        best: Best = Best()
-        for value in [data.get(k) for k in data_keys] + [data.get("dataloop_filename")]:
-            candidate = index.by_path.best(media_parts(value))
-            if candidate.length > best.length:
-                best = candidate
-        if best.ambiguous:
-            names = " and ".join(index.at[k].named() for k in best.keys[:4])
-            return Lookup(retry=f"its media fits items {names} equally well")
-        if best.unique is None:
-            return Lookup()
-        found = index.at[best.unique]
-        if wanted and found.item_id and found.item_id != wanted:
-            # same path, other id: another item (say, another dataset's copy), not this task's
-            return Lookup(note=f"item id {escape(wanted)} is not in the source, and the item at its path, "
-                               f"{found.named()}, is another")
-        return Lookup(found)
+        return find_item(self.current, data, data_keys)
 
 
 # ----------------------------------------------------------------------------- predictions

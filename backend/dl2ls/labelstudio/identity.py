@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Hashable, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from dl2ls.report import escape
+
 Parts = tuple[str, ...]
 K = TypeVar("K", bound=Hashable)
 
@@ -183,3 +185,76 @@ class TasksByItem:
         if item_id:
             return self.by_id.get(item_id)
         return self.by_file.get(filename) if filename else None
+
+
+# ----------------------------------------------------------------------------- an index of items
+
+
+@dataclass(slots=True, frozen=True)
+class Located:
+    """Where one item of the source lies, and what it is known by."""
+
+    origin: str
+    locator: Hashable
+    item_id: str | None
+    path: Parts  # of its media (`filename`)
+
+    def named(self) -> str:
+        return escape(f"{self.item_id or '(no id)'} ({shown(self.path) if self.path else self.origin})")
+
+
+@dataclass(slots=True)
+class Indexed:
+    """One indexing of the sources, swapped in whole: a request never sees half of one."""
+
+    signature: tuple = ()
+    generation: int = 0  # counts indexings: what the conversion cache is keyed by
+    by_id: dict[str, list[Located]] = field(default_factory=dict)
+    by_path: PathIndex = field(default_factory=PathIndex)  # locator -> media path
+    at: dict[Hashable, Located] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # one escaped line per unreadable entry
+
+    def add(self, where: Located) -> None:
+        self.at[where.locator] = where
+        if where.item_id:
+            self.by_id.setdefault(where.item_id, []).append(where)
+        self.by_path.add(where.path, where.locator)
+
+
+@dataclass(slots=True)
+class Lookup:
+    """Which item a task is, or why none."""
+
+    found: Located | None = None
+    retry: str | None = None  # the task gets [] and a log line with this reason
+    note: str | None = None  # no item, said in a log line (an empty result all the same)
+
+
+def find_item(index: Indexed, data: dict, data_keys: list[str]) -> Lookup:
+    """Which item of the index a task's data is: its `dataloop_item_id`, else the longest path
+    suffix any of its media values shares with an item's path; two equally good ones are none."""
+    wanted = data.get("dataloop_item_id")
+    wanted = wanted if isinstance(wanted, str) and wanted else None
+    if wanted in index.by_id:
+        holders = index.by_id[wanted]
+        if len(holders) > 1:
+            names = " and ".join(h.named() for h in holders[:4])
+            return Lookup(retry=f"item id {escape(wanted)} is held by {names}")
+        return Lookup(holders[0])
+    # the media path: the longest suffix any of the task's paths shares with an item's wins
+    best: Best = Best()
+    for value in [data.get(k) for k in data_keys] + [data.get("dataloop_filename")]:
+        candidate = index.by_path.best(media_parts(value))
+        if candidate.length > best.length:
+            best = candidate
+    if best.ambiguous:
+        names = " and ".join(index.at[k].named() for k in best.keys[:4])
+        return Lookup(retry=f"its media fits items {names} equally well")
+    if best.unique is None:
+        return Lookup()
+    found = index.at[best.unique]
+    if wanted and found.item_id and found.item_id != wanted:
+        # same path, other id: another item (say, another dataset's copy), not this task's
+        return Lookup(note=f"item id {escape(wanted)} is not in the source, and the item at its path, "
+                           f"{found.named()}, is another")
+    return Lookup(found)

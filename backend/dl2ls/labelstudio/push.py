@@ -119,6 +119,7 @@ class Stats:
     items_skipped: int = 0  # listed twice in the sources
     items_ambiguous: int = 0
     items_failed: int = 0  # refused by Label Studio
+    items_without_task: int = 0  # no task of theirs in the project, and creating tasks is not ours to do
     deletions_refused: int = 0
     versions: Counter = field(default_factory=Counter)
 
@@ -129,6 +130,7 @@ class Stats:
                             ("task_data_updated", "task data completed"), ("items_skipped", "items listed twice"),
                             ("items_ambiguous", "items matched to no task (ambiguous)"),
                             ("items_failed", "items refused by Label Studio"),
+                            ("items_without_task", "items with no task"),
                             ("deletions_refused", "deletions refused")):
             if getattr(self, name):
                 parts.append(f"{label} {getattr(self, name)}")
@@ -150,6 +152,7 @@ class Change:
     data_update: dict | None = None  # the task's whole data, with the keys it lacked
     meta_update: dict | None = None  # the task's whole meta, with dl2ls's record
     delete_task: bool = False
+    record: dict | None = None  # dl2ls's record of what the task holds, for a caller that keeps it itself
 
     @property
     def writes_anything(self) -> bool:
@@ -185,9 +188,15 @@ class Planner:
     """Decides, per converted task, what must change in the project (no I/O)."""
 
     def __init__(self, existing: Iterable[ExistingTask], data_key: str, match_mode: str = "item-id",
-                 warn: Callable[[str], None] | None = None):
+                 warn: Callable[[str], None] | None = None, create_tasks: bool = True, task_writes: bool = True):
+        """`create_tasks=False`: an item without a task gets none (the service's projects import their
+        own tasks; it only pre-annotates them). `task_writes=False`: a task's data and meta are never
+        written (one request per task would cost more than the predictions' bulk write); the record
+        of what dl2ls wrote travels in `Change.record` for the caller to keep."""
         self.data_key = data_key
         self.match_mode = match_mode
+        self.create_tasks = create_tasks
+        self.task_writes = task_writes
         self.warn = warn or (lambda line: None)
         self.tasks: dict[int, ExistingTask] = {}
         self.by_item: dict[str, ExistingTask] = {}
@@ -271,6 +280,9 @@ class Planner:
         hashes = {p["model_version"]: prediction_hash(p["result"], p.get("score")) for p in task["predictions"]}
         stats.versions.update(hashes)
         existing = self.find(key)
+        if existing is None and not self.create_tasks:
+            stats.items_without_task += 1
+            return Change(item=key)
         if existing is None:
             stats.tasks_created += 1
             stats.predictions_created += len(hashes)
@@ -278,7 +290,7 @@ class Planner:
 
         change = Change(item=key, task_id=existing.id)
         missing = {k: v for k, v in task["data"].items()
-                   if k in OWNED_KEYS and v is not None and k not in existing.data}
+                   if k in OWNED_KEYS and v is not None and k not in existing.data} if self.task_writes else {}
         if missing:  # the task's media, and anything the user put there, stay as they are
             change.data_update = {**existing.data, **missing}
             stats.task_data_updated += 1
@@ -304,9 +316,11 @@ class Planner:
         gone = sorted(v for v in stale if v in shown or not existing.consistent)
         change.replace_versions += gone
         stats.predictions_deleted += len(gone)
-        if change.write or gone or set(recorded) != set(hashes) or (source and source != existing.source):
-            mark = {"created": True} if existing.made_by_dl2ls else {}
-            change.meta_update = {**existing.meta, META_KEY: {**_record(hashes, source), **mark}}
+        mark = {"created": True} if existing.made_by_dl2ls else {}
+        change.record = {**_record(hashes, source), **mark}
+        if self.task_writes and (change.write or gone or set(recorded) != set(hashes)
+                                 or (source and source != existing.source)):
+            change.meta_update = {**existing.meta, META_KEY: change.record}
         return change
 
     def plan_deleted(self, key: str, previous_versions: Iterable[str], stats: Stats) -> Change | None:
@@ -327,11 +341,13 @@ class Planner:
         stats.predictions_deleted += len(change.replace_versions)
         return change
 
-    def model_version(self, current: str | None, stats: Stats) -> str | None:
+    def model_version(self, current: str | None, stats: Stats, live: Iterable[str] = ()) -> str | None:
         """The project's model_version decides which predictions the labeling stream shows. Set it
         to the version this run wrote most when the project has none or shows one of dl2ls's own;
-        a version someone else chose is theirs to keep (and we say how to see ours)."""
-        if not stats.versions:
+        a version someone else chose is theirs to keep (and we say how to see ours). `live`: the
+        titles of the project's ML backends: a project showing one of them asks that backend's
+        /setup which version to show, and dl2ls's service answers with the version it writes."""
+        if not stats.versions or (current and current in set(live)):
             return None
         top = stats.versions.most_common(1)[0][0]
         if current == top:
@@ -448,12 +464,24 @@ class Pusher:
         log.info("created project %d %r", project.id, escape(title))
         return project
 
-    def existing_tasks(self, project_id: int) -> Iterator[ExistingTask]:
-        """Every task of the project, a page at a time: id, data, meta, and what its predictions
-        are (how many, which versions) without their bodies. Read through the SDK's own HTTP client
-        and parsed by orjson: the typed pager spends longer building models than the server takes."""
+    def existing_tasks(self, project_id: int, task_ids: Iterable[int] | None = None,
+                       without_predictions: bool = False) -> Iterator[ExistingTask]:
+        """Every task of the project (or those of `task_ids`, or those with no prediction at all),
+        a page at a time: id, data, meta, and what its predictions are (how many, which versions)
+        without their bodies. Read through the SDK's own HTTP client and parsed by orjson: the
+        typed pager spends longer building models than the server takes. The selections are the
+        Data Manager's own query (`selectedItems`, `filters`), so the server does the choosing."""
         include = ("id,data,meta,total_annotations,cancelled_annotations,total_predictions,"
                    "predictions_model_versions")
+        query: dict = {}
+        if task_ids is not None:
+            query["selectedItems"] = {"all": False, "included": sorted({int(t) for t in task_ids})}
+            if not query["selectedItems"]["included"]:
+                return
+        if without_predictions:
+            query["filters"] = {"conjunction": "and", "items": [{"filter": "filter:tasks:total_predictions",
+                                                                 "operator": "equal", "type": "Number", "value": 0}]}
+        extra = {"query": orjson.dumps(query).decode()} if query else {}
         page, seen = 1, 0
         while True:
             what = f"tasks of project {project_id} (page {page})"
@@ -461,7 +489,7 @@ class Pusher:
             # still limits it to these fields. resolve_uri=false: the media as stored (s3://...),
             # not a presigned URL that would be written back and expire
             body = self._get_json(what, "api/tasks", {"project": project_id, "include": include, "fields": "all",
-                                                      "resolve_uri": "false", "page_size": PAGE_SIZE, "page": page})
+                                                      "resolve_uri": "false", "page_size": PAGE_SIZE, "page": page, **extra})
             tasks = body.get("tasks") if isinstance(body, dict) else None
             if not isinstance(tasks, list):
                 raise PushError(f"{what}: Label Studio answered without a task list")
@@ -586,6 +614,25 @@ class Pusher:
 
         self.requests["write"] += 1
         self._retrying(what, update)
+
+    def ml_backends(self, project_id: int) -> list[dict]:
+        """The project's ML backend connections (id, url, title)."""
+        found = self._get_json(f"ML backends of project {project_id}", "api/ml/", {"project": project_id})
+        return [b for b in found if isinstance(b, dict)] if isinstance(found, list) else []
+
+    def webhooks(self, project_id: int) -> list[dict]:
+        found = self._get_json(f"webhooks of project {project_id}", "api/webhooks/", {"project": project_id})
+        return [w for w in found if isinstance(w, dict)] if isinstance(found, list) else []
+
+    def create_webhook(self, project_id: int, url: str, actions: list[str], headers: dict[str, str]) -> None:
+        self.requests["write"] += 1
+        self._call("register the webhook", self.client.webhooks.create, url=url, project=project_id,
+                   send_payload=True, send_for_all_actions=False, actions=actions, headers=headers, is_active=True)
+
+    def update_webhook(self, webhook_id: int, url: str, actions: list[str], headers: dict[str, str]) -> None:
+        self.requests["write"] += 1
+        self._call("update the webhook", self.client.webhooks.update, webhook_id, url=url, send_payload=True,
+                   send_for_all_actions=False, actions=actions, headers=headers, is_active=True)
 
     def set_model_version(self, project_id: int, version: str) -> None:
         self.requests["write"] += 1
