@@ -475,8 +475,19 @@ def cmd_sync(args) -> int:
 def cmd_serve(args) -> int:
     from dl2ls.server import serve
 
-    if not Path(args.source).exists():
+    if args.source and not Path(args.source).exists():
         raise UsageError(f"--source {args.source}: no such file or folder")
+    if not args.source:
+        from dl2ls.service import ParamsError, parse_params
+
+        if not (os.environ.get("DATALOOP_API_KEY") or (os.environ.get("DATALOOP_USERNAME")
+                                                       and os.environ.get("DATALOOP_PASSWORD"))):
+            raise UsageError("the service reads Dataloop: set DATALOOP_API_KEY (or DATALOOP_USERNAME and "
+                             "DATALOOP_PASSWORD), or serve an export folder offline with --source PATH")
+        try:
+            parse_params({}, os.environ.get("DL2LS_DATASET") or None)
+        except ParamsError as err:
+            raise UsageError(f"DL2LS_DATASET: {err}") from None
     try:
         workers = int(os.environ.get("WORKERS", "1"))
         threads = int(os.environ.get("THREADS", "8"))
@@ -490,8 +501,9 @@ def cmd_serve(args) -> int:
                 raise ValueError
         except ValueError:
             raise UsageError(f"{name} must be a number of seconds") from None
-    log.info("serving %s on %s:%d (%d workers x %d threads)", escape(args.source), args.host, args.port, workers,
-             threads)
+    log.info("serving %s on %s:%d (%d workers x %d threads)",
+             escape(args.source) if args.source else f"Dataloop (state in {os.environ.get('MODEL_DIR') or './dl2ls-model'})",
+             args.host, args.port, workers, threads)
     serve(args.source, args.host, args.port, workers, threads)
     return EXIT_OK
 
@@ -669,11 +681,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the ML backend that Label Studio connects to (Settings > Model)",
                        description="Serve Label Studio's ML-backend protocol (/health, /setup, /predict, "
-                                   "/webhook) from a Dataloop export, under gunicorn. Environment: "
-                                   "BASIC_AUTH_USER/BASIC_AUTH_PASS (require basic auth), WORKERS, THREADS, "
-                                   "LOG_LEVEL, DL2LS_MODEL_VERSION (default 'dataloop'), DL2LS_FPS/WIDTH/HEIGHT "
-                                   "(for items without metadata).")
-    p.add_argument("--source", required=True, metavar="PATH", help="anything convert reads")
+                                   "/webhook, /train, /metrics) under gunicorn. Without --source it is the service: "
+                                   "connect it in Label Studio (Settings > Model) with Extra params "
+                                   "{\"dataset\": \"<Dataloop dataset id>\"} and it pre-annotates imported tasks, "
+                                   "answers /predict from Dataloop and syncs every project by itself (state in "
+                                   "MODEL_DIR). Environment: DATALOOP_API_KEY; LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY "
+                                   "(when the token Label Studio sends cannot be used); DL2LS_DATASET (a default "
+                                   "dataset); DL2LS_PUBLIC_URL (this backend as Label Studio reaches it, when it "
+                                   "cannot be found from the connection); DL2LS_DATALOOP_HOOK_SECRET (turns on "
+                                   "/dataloop/webhook); BASIC_AUTH_USER/BASIC_AUTH_PASS; WORKERS, THREADS, "
+                                   "DL2LS_JOB_THREADS; LOG_LEVEL; DL2LS_MODEL_VERSION (default 'dataloop'); "
+                                   "DL2LS_FPS/WIDTH/HEIGHT (for items without metadata).")
+    p.add_argument("--source", metavar="PATH", default=os.environ.get("DL2LS_SOURCE") or None,
+                   help="serve this export offline (anything convert reads) instead of fetching from Dataloop")
     p.add_argument("--host", default="0.0.0.0", help="(default: %(default)s)")
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 9090)), help="(default: %(default)s)")
     p.set_defaults(func=cmd_serve)

@@ -46,7 +46,8 @@ from dl2ls.report import InputError, describe, escape
 
 log = logging.getLogger("dl2ls.server")
 
-MAX_BODY = 32 << 20  # a /predict for many tasks with their data stays far below this
+MAX_BODY = 32 << 20
+PREDICT_SECONDS = 60.0  # a /predict stops fetching after this: Label Studio waits 100 s  # a /predict for many tasks with their data stays far below this
 RESCAN_SECONDS = 2.0  # how often a request may look at the source for changes
 CACHE_ITEMS = 256
 DEFAULT_VERSION = "dataloop"
@@ -336,28 +337,27 @@ def _authorized(user: str, password: str) -> bool:
     return hmac.compare_digest(given_user, user.encode()) & hmac.compare_digest(given_pass, password.encode())
 
 
-def create_app(source: str | list[str] | None = None, model_version: str | None = None) -> Flask:
-    sources = source if isinstance(source, list) else [source or os.environ.get("DL2LS_SOURCE", "")]
-    if not all(sources):
-        raise SystemExit("dl2ls serve: no source: pass --source PATH or set DL2LS_SOURCE")
+def create_app(source: str | list[str] | None = None, model_version: str | None = None,
+               model_dir: str | None = None) -> Flask:
+    """The app: offline from an export folder (`source`, or DL2LS_SOURCE), else the service,
+    which fetches from Dataloop and keeps its state under `model_dir` (MODEL_DIR)."""
+    if source is None and os.environ.get("DL2LS_SOURCE"):
+        source = os.environ["DL2LS_SOURCE"]
+    sources = (source if isinstance(source, list) else [source]) if source else []
     defaults = MediaDefaults(*(_positive_env(k) for k in ("DL2LS_FPS", "DL2LS_WIDTH", "DL2LS_HEIGHT")))
     version = model_version or os.environ.get("DL2LS_MODEL_VERSION") or DEFAULT_VERSION
     user, password = os.environ.get("BASIC_AUTH_USER"), os.environ.get("BASIC_AUTH_PASS")
     if bool(user) != bool(password):
         raise SystemExit("dl2ls serve: set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
-    index = SourceIndex(sources, defaults)
-    predictor = Predictor(index, version)
+    hook_secret = os.environ.get("DL2LS_DATALOOP_HOOK_SECRET") or None
 
     app = Flask("dl2ls")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-
-    @app.before_request
-    def watch_source():
-        index.watch()  # once per worker process: the source is watched beside the requests
+    open_paths = {"/health", "/", "/metrics", "/dataloop/webhook"}  # the hook has its own secret
 
     @app.before_request
     def check_auth():
-        if user and password and request.path != "/health" and not _authorized(user, password):
+        if user and password and request.path not in open_paths and not _authorized(user, password):
             response = jsonify(error="authentication required")
             response.status_code = 401
             response.headers["WWW-Authenticate"] = 'Basic realm="dl2ls"'
@@ -369,6 +369,49 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")
         return data
+
+    if sources:
+        _offline_routes(app, sources, defaults, version, body)
+    else:
+        from dl2ls.service import Service
+
+        threads = _positive_env("DL2LS_JOB_THREADS")
+        service = Service(model_dir or os.environ.get("MODEL_DIR") or "./dl2ls-model", defaults,
+                          os.environ.get("DL2LS_DATASET") or None, version, int(threads or 2),
+                          os.environ.get("DL2LS_PUBLIC_URL") or None, (user, password) if user else None)
+        _service_routes(app, service, version, body, hook_secret)
+        app.extensions["dl2ls.service"] = service
+        if os.environ.get("DL2LS_NO_RUNNER") != "1":
+            service.start()
+
+    @app.errorhandler(BadRequest)
+    def bad_request(err):
+        return jsonify(error=str(err)), 400
+
+    @app.errorhandler(BodyTimeout)
+    def body_timeout(err):
+        return jsonify(error="the request body did not arrive complete in time"), 408
+
+    @app.errorhandler(HTTPException)
+    def http_error(err):
+        return jsonify(error=err.description or err.name), err.code
+
+    @app.errorhandler(Exception)
+    def unexpected(err):
+        log.exception("unexpected error on %s", escape(request.path))
+        return jsonify(error=f"internal error: {type(err).__name__}"), 500
+
+    return app
+
+
+def _offline_routes(app: Flask, sources: list[str], defaults: MediaDefaults, version: str, body) -> None:
+    """`serve --source`: answers from an export folder on disk, indexed by every worker."""
+    index = SourceIndex(sources, defaults)
+    predictor = Predictor(index, version)
+
+    @app.before_request
+    def watch_source():
+        index.watch()  # once per worker process: the source is watched beside the requests
 
     @app.get("/")
     @app.get("/health")
@@ -404,31 +447,154 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
         log.info("webhook %s", escape(action)[:200])
         return jsonify(status="ok", action=action)
 
-    @app.errorhandler(BadRequest)
-    def bad_request(err):
-        return jsonify(error=str(err)), 400
 
-    @app.errorhandler(BodyTimeout)
-    def body_timeout(err):
-        return jsonify(error="the request body did not arrive complete in time"), 408
+def _service_routes(app: Flask, service, version: str, body, hook_secret: str | None) -> None:
+    """The service: fetches from Dataloop, pre-annotates on TASKS_CREATED, syncs by itself."""
+    from dl2ls import live
+    from dl2ls.service import ParamsError, project_id_of
 
-    @app.errorhandler(HTTPException)
-    def http_error(err):
-        return jsonify(error=err.description or err.name), err.code
+    @app.before_request
+    def start_runner():
+        service.start()  # after a fork, in this worker
 
-    @app.errorhandler(Exception)
-    def unexpected(err):
-        log.exception("unexpected error on %s", escape(request.path))
-        return jsonify(error=f"internal error: {type(err).__name__}"), 500
+    @app.get("/")
+    @app.get("/health")
+    def health():  # no I/O: the service's view is refreshed every second by its scheduler thread
+        return jsonify(status="UP", model_class="dl2ls", model_version=version, mode="service",
+                       instance=service.db.instance, **service.health())
 
-    return app
+    @app.get("/metrics")
+    def metrics():
+        return app.response_class(service.metrics(), mimetype="text/plain; version=0.0.4")
+
+    @app.post("/setup")
+    def setup():
+        data = body()
+        if data.get("schema"):
+            _config_from(data)
+        try:
+            row = service.setup(data)
+        except ParamsError as err:
+            raise BadRequest(str(err)) from None
+        return jsonify(model_version=row.version if row is not None else version)
+
+    @app.post("/predict")
+    def predict():
+        data = body()
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadRequest("`tasks` must be a list")
+        config, _ = _config_from(data)
+        project_id = project_id_of(data.get("project"))
+        params = service.params(project_id)
+        shown = service.snapshot[project_id].version if project_id in service.snapshot else params.shown_version()
+        empty = {"result": [], "model_version": shown}
+        if params.scope is None:
+            log.warning("project %s: no Dataloop dataset: put {\"dataset\": \"<id>\"} in the connection's Extra "
+                        "params, or set DL2LS_DATASET", project_id)
+            return jsonify(results=[[] for _ in tasks], model_version=shown)
+        good = [(i, t) for i, t in enumerate(tasks) if isinstance(t, dict) and isinstance(t.get("data"), dict)]
+        results: list = [[] for _ in tasks]
+        try:
+            client = service.dataloop()
+        except Exception as err:  # noqa: BLE001 - no credentials: said, and Label Studio asks again later
+            log.warning("/predict: Dataloop: %s", escape(describe(err)))
+            return jsonify(results=results, model_version=shown)
+        fetched = live.resolve(client, params.scope, [t["data"] for _, t in good],
+                               [o.data_key for o in config.objects], params.options(config), service.defaults,
+                               service.cache, deadline=time.monotonic() + PREDICT_SECONDS)
+        for (position, task), got in zip(good, fetched.tasks):
+            name = live.describe_task(position, task)
+            if got.retry:
+                log.warning("%s: no prediction: %s", name, escape(got.retry))
+            elif got.item is None:
+                results[position] = empty
+            elif got.converted is None or got.converted.task is None:
+                problems = got.converted.report.problems if got.converted else []
+                log.warning("%s: no prediction: %s", name, problems[-1].line() if problems else "not converted")
+            else:
+                predictions = got.converted.task["predictions"] or [dict(empty)]
+                results[position] = predictions[0] if len(predictions) == 1 else predictions
+        for position, task in enumerate(tasks):
+            if not (isinstance(task, dict) and isinstance(task.get("data"), dict)):
+                log.warning("%s: its `data` is not an object", live.describe_task(position, task))
+        return jsonify(results=results, model_version=shown)
+
+    def train_project(data) -> tuple:
+        project_id = project_id_of(data.get("project")) if isinstance(data, dict) else None
+        if project_id is None:
+            raise BadRequest("no project in the request")
+        job = service.enqueue("sync", project_id, reason="Start Training")
+        return jsonify(status="ok", job=job), 201
+
+    @app.post("/train")
+    def train():
+        return train_project(body())
+
+    @app.post("/webhook")
+    def webhook():
+        data = body()
+        action = data.get("action") if isinstance(data.get("action"), str) else None
+        if action == "START_TRAINING":
+            return train_project(data)
+        if action == "TASKS_CREATED":
+            project_id = project_id_of(data.get("project"))
+            tasks = data.get("tasks") if isinstance(data.get("tasks"), list) else []
+            ids = sorted({t["id"] for t in tasks if isinstance(t, dict) and isinstance(t.get("id"), int)
+                          and not isinstance(t.get("id"), bool)})
+            if project_id is None or not ids:
+                raise BadRequest("TASKS_CREATED without a project id or task ids")
+            job = service.enqueue("preannotate", project_id, {"task_ids": ids}, reason=f"{len(ids)} tasks created")
+            return jsonify(status="ok", job=job), 201
+        log.info("webhook %s: nothing to do", escape(action or "(no action)")[:200])
+        return jsonify(status="ignored", action=action)
+
+    @app.post("/dataloop/webhook")
+    def dataloop_webhook():
+        given = request.args.get("secret") or request.headers.get("X-Dl2ls-Secret") or ""
+        if not hook_secret:
+            return jsonify(error="Dataloop hooks are off: set DL2LS_DATALOOP_HOOK_SECRET"), 404
+        if not hmac.compare_digest(given.encode(), hook_secret.encode()):
+            return jsonify(error="wrong or missing secret"), 403
+        try:
+            data = _json_body()
+        except BadRequest:
+            data = None
+        item_id, dataset_id, what = dataloop_resource(data)
+        projects = service.projects_on_dataset(dataset_id)
+        for project_id in projects:
+            service.enqueue("sync", project_id, reason=f"Dataloop: {what}")
+        log.info("Dataloop hook: %s -> sync of %s", what, ", ".join(f"project {p}" for p in projects) or "no project")
+        return jsonify(status="ok", item=item_id, dataset=dataset_id, projects=projects), 202
 
 
-def serve(source: str, host: str, port: int, workers: int, threads: int) -> None:
+def dataloop_resource(data) -> tuple[str | None, str | None, str]:
+    """What a Dataloop trigger's webhook is about: (item id, dataset id, a name for the log).
+    The outbound format is not documented: the resource object (an annotation with `itemId`, an
+    item with `id` and `datasetId`) is looked for at the top and under the usual wrappers;
+    whatever cannot be read means "re-read the datasets" (every connected project is synced)."""
+    candidates = [data] if isinstance(data, dict) else []
+    for one in list(candidates):
+        for key in ("input", "resource", "data", "item", "annotation", "payload", "body"):
+            inner = one.get(key)
+            if isinstance(inner, dict):
+                candidates.append(inner)
+    for one in candidates:
+        item_id = one.get("itemId") if isinstance(one.get("itemId"), str) else None
+        dataset_id = one.get("datasetId") if isinstance(one.get("datasetId"), str) else None
+        if item_id:
+            return item_id, dataset_id, escape(f"annotation {one.get('id', '?')} of item {item_id}")[:200]
+        if isinstance(one.get("id"), str) and (dataset_id or one.get("type") in ("file", "dir")):
+            return one["id"], dataset_id, escape(f"item {one['id']}")[:200]
+    return None, None, "an event dl2ls cannot read (every connected dataset is re-read)"
+
+
+def serve(source: str | None, host: str, port: int, workers: int, threads: int) -> None:
     """Run under gunicorn, as Label Studio's ML backends do, with the worker of dl2ls.web."""
     from gunicorn.app.base import BaseApplication
 
-    os.environ["DL2LS_SOURCE"] = source
+    if source:
+        os.environ["DL2LS_SOURCE"] = source
 
     class Application(BaseApplication):
         def load_config(self):

@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import orjson
 
@@ -141,6 +141,7 @@ class State:
                     scope TEXT NOT NULL, item_id TEXT NOT NULL, updated_at TEXT, annotations INTEGER,
                     content_hash TEXT, versions TEXT, failures INTEGER DEFAULT 0, retry_at REAL DEFAULT 0,
                     last_error TEXT, PRIMARY KEY (scope, item_id));
+                CREATE TABLE IF NOT EXISTS task_record (task_id INTEGER PRIMARY KEY, item TEXT, record TEXT);
             """)
             old = self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone()
             if old:  # a state written before scopes: its rows become the legacy scope ''
@@ -184,6 +185,38 @@ class State:
                                 [(item, scope) for scope, item in gone])
             self.db.executemany(f"INSERT INTO item_state ({', '.join(_COLUMNS)}) VALUES "
                                 f"({', '.join('?' * len(_COLUMNS))})", [r.as_row() for r in rows])
+
+
+    def with_records(self, tasks: Iterable[push.ExistingTask]) -> Iterator[push.ExistingTask]:
+        """Tasks as the planner should see them when dl2ls keeps its record of what it wrote here
+        rather than in the tasks' meta (the service: one request per task would cost more than the
+        predictions): a task's own meta record, where it has one, still wins."""
+        batch: list[push.ExistingTask] = []
+
+        def flush() -> Iterator[push.ExistingTask]:
+            marks = ",".join("?" * len(batch))
+            rows = dict(self.db.execute(f"SELECT task_id, record FROM task_record WHERE task_id IN ({marks})",
+                                        [t.id for t in batch]).fetchall()) if batch else {}
+            for task in batch:
+                if task.id in rows and not task.recorded:
+                    task.meta = {**task.meta, push.META_KEY: json.loads(rows[task.id])}
+                yield task
+
+        for task in tasks:
+            batch.append(task)
+            if len(batch) >= 500:
+                yield from flush()
+                batch = []
+        yield from flush()
+
+    def keep_records(self, changes: Iterable[push.Change]) -> None:
+        """What landed on each task, for `with_records` (a deleted task's record goes)."""
+        keep = [(c.task_id, c.item, json.dumps(c.record)) for c in changes
+                if c.task_id is not None and c.record is not None and not c.delete_task]
+        gone = [(c.task_id,) for c in changes if c.task_id is not None and c.delete_task]
+        with self.lock, self.db:
+            self.db.executemany("INSERT OR REPLACE INTO task_record VALUES (?, ?, ?)", keep)
+            self.db.executemany("DELETE FROM task_record WHERE task_id = ?", gone)
 
 
 def scope_of(dataset_id: str, filters: list[dict] | None) -> str:
@@ -232,7 +265,10 @@ def _gone(client: DataloopClient, item_id: str) -> bool:
 def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, project_id: int, state: State,
              filters: list[dict] | None = None, options: ConvertOptions | None = None,
              defaults: MediaDefaults | None = None, report: Report | None = None,
-             allow_mass_delete: bool = False, limits: ReadLimits | None = None) -> RunSummary:
+             allow_mass_delete: bool = False, limits: ReadLimits | None = None,
+             planner_options: dict | None = None, live: Iterable[str] = ()) -> RunSummary:
+    """One sync. `planner_options`: the Planner's (the service matches by path, creates no task
+    and keeps its records here); `live`: the project's ML backend titles (see Planner.model_version)."""
     started, now = time.monotonic(), time.time()
     requests_before = client.counters.requests
     summary = RunSummary()
@@ -316,8 +352,13 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
 
     # 3. plan every change with the one planner, and write batch by batch, recording as they land
     if changed or deleted:
-        planner = push.Planner(pusher.existing_tasks(project_id), options.config.objects[0].data_key,
-                               warn=lambda line: report.warn(f"project {project_id}", line))
+        planner_options = planner_options or {}
+        existing = pusher.existing_tasks(project_id)
+        if planner_options.get("task_writes") is False:
+            existing = state.with_records(existing)
+        planner = push.Planner(existing, options.config.objects[0].data_key,
+                               warn=lambda line: report.warn(f"project {project_id}", line), **planner_options)
+        planner.match_paths({item_id: item.get("filename") for item_id, item, _ in changed})
         pending: dict[str, ItemRow] = {}
 
         def fail(item_id: str, reason: str) -> ItemRow:
@@ -379,9 +420,11 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
                                               f"Label Studio refused it: {why}"))
                 rows.append(fail(change.item, f"Label Studio refused it: {why}"))
             state.commit(rows, forget)
+            if not planner.task_writes:
+                state.keep_records(result.landed)
 
         push.apply(pusher, project_id, changes(), on_batch=landed)
-        version = planner.model_version(project.model_version, summary.stats)
+        version = planner.model_version(project.model_version, summary.stats, live)
         if version:
             pusher.set_model_version(project_id, version)
 

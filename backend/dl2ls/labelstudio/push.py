@@ -629,10 +629,11 @@ class Pusher:
         self._call("register the webhook", self.client.webhooks.create, url=url, project=project_id,
                    send_payload=True, send_for_all_actions=False, actions=actions, headers=headers, is_active=True)
 
-    def update_webhook(self, webhook_id: int, url: str, actions: list[str], headers: dict[str, str]) -> None:
+    def update_webhook(self, webhook_id: int, url: str, actions: list[str], headers: dict[str, str],
+                       all_actions: bool = False) -> None:
         self.requests["write"] += 1
         self._call("update the webhook", self.client.webhooks.update, webhook_id, url=url, send_payload=True,
-                   send_for_all_actions=False, actions=actions, headers=headers, is_active=True)
+                   send_for_all_actions=all_actions, actions=actions, headers=headers, is_active=True)
 
     def set_model_version(self, project_id: int, version: str) -> None:
         self.requests["write"] += 1

@@ -1,0 +1,92 @@
+"""The dl2ls service as tests, benchmarks and the browser check run it: `dl2ls serve` (gunicorn,
+dl2ls.web.Worker) in a child process on loopback, reading the Dataloop stand-in, its state in a
+temp MODEL_DIR; started, restarted, stopped (SIGTERM, or SIGKILL mid-work)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from dl2ls.localserver import free_port, stop_process, wait_http
+
+CONFIG = ('<View><Video name="video" value="$video" frameRate="$fps"/>'
+          '<Labels name="videoLabels" toName="video"><Label value="person"/><Label value="pedestrian"/></Labels>'
+          '<VideoRectangle name="box" toName="video"/></View>')
+
+
+@dataclass
+class ServiceProcess:
+    dataloop_url: str
+    dataloop_key: str
+    label_studio_url: str
+    model_dir: Path
+    workers: int = 1
+    env: dict = field(default_factory=dict)  # more environment (BASIC_AUTH_*, DL2LS_*...)
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60) -> "ServiceProcess":
+        self.port = self.port or free_port()
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("LABEL_STUDIO_API_KEY", "DL2LS_SOURCE")}
+        env.update({"DATALOOP_API_URL": self.dataloop_url, "DATALOOP_API_KEY": self.dataloop_key,
+                    "MODEL_DIR": str(self.model_dir), "LABEL_STUDIO_URL": self.label_studio_url,
+                    "WORKERS": str(self.workers), "THREADS": "4", "LOG_LEVEL": "INFO"})
+        env.update(self.env)
+        exe = Path(sys.executable).with_name("dl2ls")
+        self.log_path = self.model_dir / f"serve-{self.port}.log"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(f"{self.url}/health", timeout, self.proc)
+        return self
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL to gunicorn's whole process group: workers die mid-job, as on a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def health(self) -> dict:
+        return requests.get(f"{self.url}/health", timeout=5).json()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+
+def wait_for(check, seconds: float, every: float = 0.25, what: str = "the condition"):
+    """Poll `check()` until it returns something truthy; that value, or AssertionError."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {seconds:.0f} s")
+        time.sleep(every)
+
+
+def connect(ls, project_id: int, service: ServiceProcess, extra_params: dict, **kwargs):
+    """Connect the service to a project as a user does in Settings > Model (Connect Model)."""
+    return ls.ml.create(project=project_id, url=service.url, title=kwargs.pop("title", "dl2ls"),
+                        extra_params=extra_params, **kwargs)
+
+
+__all__ = ["CONFIG", "ServiceProcess", "connect", "wait_for", "free_port", "stop_process", "wait_http"]
