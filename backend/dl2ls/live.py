@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -184,15 +185,21 @@ def convert(item: dict, annotations: list, scope: Scope, options: ConvertOptions
             defaults: MediaDefaults) -> Converted:
     """One Dataloop item (its JSON and its annotations) through `convert_item`."""
     origin = f"dataloop:{scope.dataset_id}/{item_key(item)}"
-    # annotations in id order whichever request read them: the same item always converts alike
-    ordered = sorted((a for a in annotations if isinstance(a, dict)), key=lambda a: str(a.get("id") or ""))
     try:
-        entry = Entry(origin, item=decode_item(orjson.dumps({**item, "annotations": ordered}), origin))
+        entry = Entry(origin, item=decode_item(orjson.dumps({**item, "annotations": in_order(annotations)}), origin))
     except InputError as err:
         entry = Entry(origin, error=err)
     except Exception as err:  # noqa: BLE001 - whatever Dataloop sent, it is this item's problem
         entry = Entry(origin, error=InputError(origin, None, describe(err)))
     return convert_item(entry, options, defaults)
+
+
+def in_order(annotations: Any) -> Any:
+    """An item's annotations in id order, whichever request read them (the item's own endpoint,
+    an annotations query, an export): the same item always converts, and hashes, alike."""
+    if not isinstance(annotations, list):
+        return annotations
+    return sorted(annotations, key=lambda a: str(a.get("id") or "") if isinstance(a, dict) else "")
 
 
 def _items(client: DataloopClient, scope: Scope, ids: list[str], names: list[str]) -> dict[str, dict]:

@@ -335,8 +335,10 @@ class ServiceDB:
             row = db.execute("SELECT id, payload FROM jobs WHERE key = ? AND state = 'queued'", (key,)).fetchone()
             if row is not None:
                 merged = _merge(kind, json.loads(row[1]), payload)
-                db.execute("UPDATE jobs SET payload = ?, not_before = MIN(not_before, ?) WHERE id = ?",
-                           (json.dumps(merged), now + delay, row[0]))
+                if kind == "preannotate":
+                    reason = f"{len(merged['task_ids'])} tasks created"
+                db.execute("UPDATE jobs SET payload = ?, not_before = MIN(not_before, ?), reason = ? WHERE id = ?",
+                           (json.dumps(merged), now + delay, reason[:200], row[0]))
                 return row[0]
             cur = db.execute("INSERT INTO jobs (kind, project_id, key, payload, priority, not_before, created, reason) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -680,9 +682,9 @@ class Service:
                                self.cache)
         report = fetched.report
         stats = push.Stats()
-        planner = push.Planner(tasks, config.objects[0].data_key, match_mode="filename",
+        planner = push.Planner(tasks, config.objects[0].data_key,
                                warn=lambda line: report.warn(f"project {project_id}", line),
-                               create_tasks=False, task_writes=False)
+                               **planner_options(config))
         converted = {}
         for task, got in zip(tasks, fetched.tasks):
             if got.retry:
@@ -727,7 +729,7 @@ class Service:
             summary = sync.run_once(
                 self.dataloop(), conn.pusher, params.dataset, project_id, state, list(params.filters),
                 params.options(config), self.defaults, report,
-                planner_options={"match_mode": params.match, "create_tasks": False, "task_writes": False},
+                planner_options={**planner_options(config), "match_mode": params.match},
                 live=conn.titles)
             for problem in report.problems[:20]:
                 log.warning("project %d: %s", project_id, problem.line())
@@ -864,6 +866,15 @@ class Service:
         family("dl2ls_jobs", "gauge", "Jobs in the persisted job list, by state.",
                [({"state": s}, n) for s, n in sorted(self.job_counts.items())])
         return "\n".join(lines) + "\n"
+
+
+def planner_options(config: lsconfig.LabelConfig) -> dict:
+    """How the service plans: tasks are the project's own (matched by path, never created), and
+    dl2ls's records stay in its state rather than one request per task; only `fps` is added to a
+    task that lacks it when the config's frameRate reads it (the editor's clock depends on it)."""
+    needs_fps = any(o.frame_rate == "$fps" for o in config.objects)
+    return {"match_mode": "filename", "create_tasks": False, "task_writes": False,
+            "complete": ("fps",) if needs_fps else ()}
 
 
 def _label(value: Any) -> str:

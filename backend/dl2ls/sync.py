@@ -39,13 +39,14 @@ from typing import Iterable, Iterator
 import orjson
 
 from dl2ls.convert import convert_item, settings_fingerprint
+from dl2ls.live import in_order
 from dl2ls.dataloop.api import DataloopClient, item_key
 from dl2ls.dataloop.model import MediaDefaults, decode_item
 from dl2ls.dataloop.read import Entry, ReadLimits
 from dl2ls.labelstudio import config as lsconfig
 from dl2ls.labelstudio import push
 from dl2ls.labelstudio.tasks import ConvertOptions
-from dl2ls.report import InputError, Report, escape
+from dl2ls.report import InputError, Report
 
 log = logging.getLogger("dl2ls.sync")
 
@@ -339,7 +340,7 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
     unchanged: list[ItemRow] = []
     for item_id in candidates:
         item = dict(listing[item_id])
-        item["annotations"] = exported[item_id] if item_id in exported else client.item_annotations(item_id)
+        item["annotations"] = in_order(exported[item_id] if item_id in exported else client.item_annotations(item_id))
         digest = content_hash(item, fingerprint)
         row = known.get(item_id)
         if row is not None and row.content_hash == digest:

@@ -188,15 +188,19 @@ class Planner:
     """Decides, per converted task, what must change in the project (no I/O)."""
 
     def __init__(self, existing: Iterable[ExistingTask], data_key: str, match_mode: str = "item-id",
-                 warn: Callable[[str], None] | None = None, create_tasks: bool = True, task_writes: bool = True):
+                 warn: Callable[[str], None] | None = None, create_tasks: bool = True, task_writes: bool = True,
+                 complete: Iterable[str] = ()):
         """`create_tasks=False`: an item without a task gets none (the service's projects import their
         own tasks; it only pre-annotates them). `task_writes=False`: a task's data and meta are never
         written (one request per task would cost more than the predictions' bulk write); the record
-        of what dl2ls wrote travels in `Change.record` for the caller to keep."""
+        of what dl2ls wrote travels in `Change.record` for the caller to keep; only the data keys in
+        `complete` are still added where a task lacks them (`fps`, when the config's frameRate reads
+        it: without it the editor plays the video at a wrong rate)."""
         self.data_key = data_key
         self.match_mode = match_mode
         self.create_tasks = create_tasks
         self.task_writes = task_writes
+        self.complete = OWNED_KEYS if task_writes else tuple(complete)
         self.warn = warn or (lambda line: None)
         self.tasks: dict[int, ExistingTask] = {}
         self.by_item: dict[str, ExistingTask] = {}
@@ -290,7 +294,7 @@ class Planner:
 
         change = Change(item=key, task_id=existing.id)
         missing = {k: v for k, v in task["data"].items()
-                   if k in OWNED_KEYS and v is not None and k not in existing.data} if self.task_writes else {}
+                   if k in self.complete and v is not None and k not in existing.data}
         if missing:  # the task's media, and anything the user put there, stay as they are
             change.data_update = {**existing.data, **missing}
             stats.task_data_updated += 1
