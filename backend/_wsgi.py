@@ -2,7 +2,8 @@
 
     gunicorn --bind :9090 --workers $WORKERS --threads $THREADS --worker-class dl2ls.web.Worker _wsgi:app
 
-The Dataloop export to serve comes from DL2LS_SOURCE; see `dl2ls serve --help`. The worker class
+The service (DATALOOP_API_KEY, state under MODEL_DIR), or an export served offline when DL2LS_SOURCE
+is set; see `dl2ls serve --help`. The worker class
 matters: gunicorn's own gthread worker gives a thread to a connection at its first byte, so a few
 clients that never finish their headers stall every route (dl2ls.web says how its worker avoids it).
 """
