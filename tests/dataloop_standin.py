@@ -14,6 +14,11 @@ faults on demand: 429 with Retry-After, 503, a dropped connection, an expired to
 page size (at most `page_cap` items per page whatever `pageSize` asks, with `hasNextPage` and
 `totalPagesCount` true to it), or answers without those fields; items keyed by `_id` alone; an
 export download given verbatim (`export_body`: broken elements, truncation).
+
+It also sends webhooks as a Dataloop trigger with a webhook target does (`hooks`, `add_hook`;
+`edit_annotations`, `delete_item`, `put_item(..., notify=True)`): one POST per changed resource,
+from a background thread. Dataloop does not document the outbound body; posting the resource
+object itself (an annotation with `itemId` and `datasetId`, or an item) is our assumption.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import queue
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from typing import Any
 
@@ -53,16 +61,124 @@ class DataloopStandIn:
         self.lock = threading.Lock()
         self.app = self._build()
         self.server = None
+        # trigger-style webhooks: where they go, and what became of each (for tests to wait on)
+        self.hooks: list[str] = []  # URLs, each may carry ?secret=...
+        self.hook_deliveries: list[tuple[str, int]] = []  # (url, HTTP status) per POST answered
+        self.hook_errors: list[str] = []  # "<url>: <why>" per POST that got no answer
+        self.hook_sent: list[tuple[str, str, dict]] = []  # (resource, action, body) per POST made
+        self._hook_queue: queue.Queue = queue.Queue()
+        self._hook_pending = 0
+        self._hook_done = threading.Condition()
+        self._hook_thread: threading.Thread | None = None
 
     # -- data -----------------------------------------------------------------------------------
 
-    def put_item(self, dataset_id: str, item: dict, touch: bool = True) -> None:
+    def put_item(self, dataset_id: str, item: dict, touch: bool = True, notify: bool = False) -> None:
+        """Add or replace an item (with its annotations). `notify`: post an item Created/Updated
+        hook, as an item trigger would."""
         item = copy.deepcopy(item)
         item["datasetId"] = dataset_id
         if touch:
             item["updatedAt"] = self.now()
         item["annotationsCount"] = len(item.get("annotations") or [])
+        existed = _key(item) in self.datasets.get(dataset_id, {})
         self.datasets.setdefault(dataset_id, {})[_key(item)] = item
+        if notify:
+            self._notify("Item", "Updated" if existed else "Created", _item_json(item))
+
+    def edit_annotations(self, item_id: str, annotations: list[dict]) -> list[tuple[str, dict]]:
+        """Replace an item's annotations, as an annotator saving in Dataloop does: each new or
+        changed annotation gets a fresh `updatedAt`, the item too, and `annotationsCount` follows.
+        Posts one hook per annotation created, updated or deleted (never blocking the caller);
+        returns those (action, annotation JSON) pairs."""
+        with self.lock:
+            item = self._find(item_id)
+            if item is None:
+                raise KeyError(f"no item {item_id!r}")
+            dataset_id = item["datasetId"]
+            old = {a.get("id"): a for a in item.get("annotations") or [] if a.get("id")}
+            now = self.now()
+            kept, changes = [], []
+            for n, given in enumerate(copy.deepcopy(annotations)):
+                if not given.get("id"):
+                    given["id"] = f"{item_id}-ann-{time.time_ns()}-{n}"
+                before = old.pop(given["id"], None)
+                if before is None:
+                    given["updatedAt"] = now
+                    changes.append(("Created", given))
+                elif _content(before) != _content(given):
+                    given["updatedAt"] = now
+                    changes.append(("Updated", given))
+                else:
+                    given["updatedAt"] = before.get("updatedAt", given.get("updatedAt"))
+                kept.append(given)
+            changes += [("Deleted", gone) for gone in old.values()]
+            item["annotations"] = kept
+            item["annotationsCount"] = len(kept)
+            if changes:
+                item["updatedAt"] = now
+        posted = []
+        for action, annotation in changes:
+            body = dict(copy.deepcopy(annotation), itemId=item_id, datasetId=dataset_id)
+            posted.append((action, body))
+            self._notify("Annotation", action, body)
+        return posted
+
+    def delete_item(self, item_id: str) -> dict:
+        """Remove an item; posts its JSON (an item Deleted hook). Returns the item removed."""
+        with self.lock:
+            for items in self.datasets.values():
+                if item_id in items:
+                    gone = items.pop(item_id)
+                    break
+            else:
+                raise KeyError(f"no item {item_id!r}")
+        self._notify("Item", "Deleted", _item_json(gone))
+        return gone
+
+    # -- webhooks out ---------------------------------------------------------------------------
+
+    def add_hook(self, url: str) -> None:
+        """Post every later event to `url` (a trigger with a webhook target)."""
+        self.hooks.append(url)
+
+    def _notify(self, resource: str, action: str, body: dict) -> None:
+        if not self.hooks:
+            return
+        with self._hook_done:
+            self._hook_pending += len(self.hooks)
+            if self._hook_thread is None:
+                self._hook_thread = threading.Thread(target=self._send_hooks, name="standin-hooks", daemon=True)
+                self._hook_thread.start()
+        for url in list(self.hooks):
+            self._hook_queue.put((url, resource, action, body))
+
+    def _send_hooks(self) -> None:
+        """One thread posts the hooks in the order they happened; no failure reaches the caller."""
+        while True:
+            url, resource, action, body = self._hook_queue.get()
+            try:
+                self.hook_sent.append((resource, action, body))
+                data = json.dumps(body).encode()
+                req = urllib.request.Request(url, data=data, method="POST",
+                                             headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=10) as answer:
+                        status = answer.status
+                except urllib.error.HTTPError as err:  # an answer all the same
+                    status = err.code
+                self.hook_deliveries.append((url, status))
+            except Exception as err:  # noqa: BLE001 - a hook that cannot be delivered is only recorded
+                self.hook_errors.append(f"{url}: {type(err).__name__}: {err}")
+            finally:
+                with self._hook_done:
+                    self._hook_pending -= 1
+                    self._hook_done.notify_all()
+
+    def wait_hooks(self, timeout: float = 10.0) -> bool:
+        """Wait until every hook posted so far was delivered or failed; False on timeout."""
+        with self._hook_done:
+            return self._hook_done.wait_for(lambda: self._hook_pending == 0, timeout)
 
     @staticmethod
     def now() -> str:
@@ -76,7 +192,8 @@ class DataloopStandIn:
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # a short poll: stop() returns at once rather than after half a second
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     @property
@@ -153,7 +270,8 @@ class DataloopStandIn:
             resource = body.get("resource", "items")
             items = standin.datasets[dataset_id].values()
             if resource == "annotations":
-                rows = [dict(a, itemId=_key(i)) for i in items for a in (i.get("annotations") or [])]
+                rows = [dict(a, itemId=_key(i), datasetId=dataset_id) for i in items
+                        for a in (i.get("annotations") or [])]
             else:
                 rows = [{k: v for k, v in i.items() if k != "annotations"} | {"type": "file", "hidden": False}
                         for i in items]
@@ -220,6 +338,16 @@ class DataloopStandIn:
             if item_id in items:
                 return items[item_id]
         return None
+
+
+def _item_json(item: dict) -> dict:
+    """An item as Dataloop gives it (GET /items/{id}): without its annotations."""
+    return {k: v for k, v in copy.deepcopy(item).items() if k != "annotations"} | {"type": "file", "hidden": False}
+
+
+def _content(annotation: dict) -> dict:
+    """What an annotation says, whatever its bookkeeping: what tells a change."""
+    return {k: v for k, v in annotation.items() if k not in ("updatedAt", "itemId", "datasetId")}
 
 
 def _key(row: dict) -> str:

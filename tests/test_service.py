@@ -158,8 +158,17 @@ def test_imported_tasks_get_frame_exact_predictions_and_follow_dataloop(ls_env, 
     ls.ml.train(id=backend.id)
     wait_for(updated(second), 20, what="the edit after Start Training")
 
+    # an item deleted in Dataloop: its predictions go with the hook, the task (the user's) stays
+    third = list(items)[2]
+    standin.add_hook(f"{service.url}/dataloop/webhook?secret={SECRET}")
+    standin.delete_item(third)
+    wait_for(lambda: by_item[third] not in predictions_by_task(ls, project.id), 20,
+             what="the deleted item's prediction gone")
+    assert by_item[third] in tasks_of(ls, project.id)
+
     final = predictions_by_task(ls, project.id)
-    assert sorted(len(v) for v in final.values()) == [1] * 6
+    assert sorted(len(v) for v in final.values()) == [1] * 5
+    assert SECRET not in service.log()
     health = service.health()
     assert health["projects"][str(project.id)]["label_studio"].startswith("ok")
     metrics = requests.get(f"{service.url}/metrics", timeout=5).text

@@ -455,7 +455,8 @@ def _service_routes(app: Flask, service, version: str, body, hook_secret: str | 
 
     @app.before_request
     def start_runner():
-        service.start()  # after a fork, in this worker
+        if os.environ.get("DL2LS_NO_RUNNER") != "1":
+            service.start()  # after a fork, in this worker
 
     @app.get("/")
     @app.get("/health")
@@ -604,6 +605,8 @@ def serve(source: str | None, host: str, port: int, workers: int, threads: int) 
             self.cfg.set("worker_class", "dl2ls.web.Worker")
             self.cfg.set("timeout", 120)
             self.cfg.set("accesslog", "-")
+            # %(U)s: the path without its query, which may carry the Dataloop hook's secret
+            self.cfg.set("access_log_format", '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(f)s" "%(a)s"')
 
         def load(self):
             return create_app(source)

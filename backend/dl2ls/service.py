@@ -160,7 +160,7 @@ def project_id_of(ref: Any) -> int | None:
         return ref if ref > 0 else None
     if isinstance(ref, str):
         head = ref.split(".", 1)[0].strip()
-        return int(head) if head.isdigit() and 0 < int(head) < 2 ** 62 else None
+        return int(head) if head.isascii() and head.isdigit() and 0 < int(head) < 2 ** 62 else None
     return None
 
 
@@ -361,6 +361,10 @@ class ServiceDB:
                     merged = _merge(kind, json.loads(payload), json.loads(twin[1]))
                     db.execute("UPDATE jobs SET payload = ? WHERE id = ?", (json.dumps(merged), twin[0]))
                     db.execute("UPDATE jobs SET state = 'superseded', finished = ? WHERE id = ?", (now, job_id))
+                elif db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] >= JOB_ATTEMPTS:
+                    # a job that takes its worker down every time it runs is given up on
+                    db.execute("UPDATE jobs SET state = 'failed', finished = ?, error = 'its worker stopped "
+                               "mid-job on every attempt' WHERE id = ?", (now, job_id))
                 else:
                     db.execute("UPDATE jobs SET state = 'queued', owner = NULL WHERE id = ?", (job_id,))
                 log.warning("job %d %s: its worker %s stopped mid-job: queued again", job_id, escape(key),
@@ -381,16 +385,19 @@ class ServiceDB:
                 db.executemany("UPDATE jobs SET lease_until = ? WHERE id = ? AND owner = ? AND state = 'running'",
                                [(time.time() + LEASE, j, owner) for j in job_ids])
 
-    def finish(self, job: Job, owner: str, error: str | None = None) -> str:
+    def finish(self, job: Job, owner: str, error: str | None = None, final: bool = False) -> str:
         """Done, queued again with a backoff, or failed for good; returns which."""
         now = time.time()
         with self.transaction() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE id = ? AND owner = ? AND state = 'running'",
+                          (job.id, owner)).fetchone() is None:
+                return "lost its lease: another worker has the job"
             if error is None:
                 db.execute("UPDATE jobs SET state = 'done', finished = ?, owner = NULL WHERE id = ? AND owner = ?",
                            (now, job.id, owner))
                 db.execute("DELETE FROM jobs WHERE state IN ('done', 'superseded') AND finished < ?", (now - 3600,))
                 return "done"
-            final = job.attempts >= JOB_ATTEMPTS
+            final = final or job.attempts >= JOB_ATTEMPTS
             twin = db.execute("SELECT id FROM jobs WHERE key = (SELECT key FROM jobs WHERE id = ?) AND "
                               "state = 'queued'", (job.id,)).fetchone()
             if final or twin is not None:  # a queued twin will do the work again anyway
@@ -517,6 +524,7 @@ class Service:
         schema = body.get("schema") if isinstance(body.get("schema"), str) else None
         changed = self.db.setup(project_id, str(body.get("project"))[:100], hostname, token, params, error, schema)
         if error:
+            self.refresh()
             raise ParamsError(error)
         if changed:
             with self.lock:
@@ -801,10 +809,16 @@ class Service:
         with self.lock:
             self.running[job.id] = job
         started = time.monotonic()
-        error = None
+        error, final = None, False
         try:
             line = self.run_job(job)
-        except (push.PushError, DataloopError, InputError, ParamsError, sync.SyncBusy, sync.StateError) as err:
+        except ParamsError as err:  # the connection's settings: no retry helps until /setup changes them
+            error, final = str(err), True
+        except push.PushError as err:
+            error = str(err)
+            with self.lock:  # credentials may have been revoked: choose again next time
+                self.connections.pop(job.project_id, None)
+        except (DataloopError, InputError, sync.SyncBusy, sync.StateError) as err:
             error = str(err)
         except Exception as err:  # noqa: BLE001 - one job's failure is one line, and a retry
             error = describe(err)
@@ -812,7 +826,7 @@ class Service:
         finally:
             with self.lock:
                 self.running.pop(job.id, None)
-        outcome = self.db.finish(job, self.owner, error)
+        outcome = self.db.finish(job, self.owner, error, final)
         seconds = time.monotonic() - started
         why = f" ({escape(job.reason)})" if job.reason else ""
         if error is None:

@@ -210,6 +210,16 @@ class State:
                 batch = []
         yield from flush()
 
+    def tasks_of(self, items: Iterable[str]) -> dict[str, int]:
+        """item -> the task dl2ls recorded writing it on (see `keep_records`)."""
+        wanted = list(items)
+        out: dict[str, int] = {}
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            out.update({item: task for task, item in self.db.execute(
+                f"SELECT task_id, item FROM task_record WHERE item IN ({','.join('?' * len(chunk))})", chunk)})
+        return out
+
     def keep_records(self, changes: Iterable[push.Change]) -> None:
         """What landed on each task, for `with_records` (a deleted task's record goes)."""
         keep = [(c.task_id, c.item, json.dumps(c.record)) for c in changes
@@ -360,6 +370,8 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
         planner = push.Planner(existing, options.config.objects[0].data_key,
                                warn=lambda line: report.warn(f"project {project_id}", line), **planner_options)
         planner.match_paths({item_id: item.get("filename") for item_id, item, _ in changed})
+        if not planner.task_writes:
+            planner.remember(state.tasks_of(deleted))
         pending: dict[str, ItemRow] = {}
 
         def fail(item_id: str, reason: str) -> ItemRow:
@@ -393,7 +405,7 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
                     continue
                 pending[item_id] = row
                 yield change
-            doomed = [(item_id, planner.by_item[item_id].id) for item_id in deleted if item_id in planner.by_item]
+            doomed = [(item_id, planner.find(item_id).id) for item_id in deleted if planner.find(item_id)]
             check = push.mass_deletion(doomed, planner.total_tasks, allow_mass_delete)
             if not check.allowed:
                 summary.deletions_refused = True

@@ -241,6 +241,13 @@ class Planner:
             self.warn(ambiguity.line("task", "items"))
             self.ambiguous.update(k for k, _ in ambiguity.candidates if k not in self.by_item)
 
+    def remember(self, pairs: dict[str, int]) -> None:
+        """Item -> task pairs the caller recorded when it wrote them (the service keeps its records
+        itself): how a deleted item's task is found when the task does not say whose it is."""
+        for key, task_id in pairs.items():
+            if task_id in self.tasks and key not in self.by_item:
+                self.matching.pairs.setdefault(key, task_id)
+
     def _ambiguous(self, key: str) -> bool:
         return key in self.ambiguous
 
@@ -331,7 +338,7 @@ class Planner:
         """An item Dataloop deleted: dl2ls's predictions go; the task goes too only when dl2ls made
         it and nothing else is on it (no annotation, skipped ones included, and no prediction of
         anyone else: the count of predictions is exactly dl2ls's)."""
-        existing = self.by_item.get(key)
+        existing = self.find(key)
         if existing is None:
             return None
         ours = set(existing.recorded) | set(previous_versions)
