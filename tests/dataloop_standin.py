@@ -31,7 +31,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
+from collections import ChainMap, Counter
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, jsonify, request
@@ -269,13 +270,16 @@ class DataloopStandIn:
             body = request.get_json(force=True)
             resource = body.get("resource", "items")
             items = standin.datasets[dataset_id].values()
+            flt = body.get("filter") or {}
+            # filtered on a view, copied only when matched: a query costs what it returns, as an
+            # indexed server's does, not a copy of the whole dataset
             if resource == "annotations":
                 rows = [dict(a, itemId=_key(i), datasetId=dataset_id) for i in items
-                        for a in (i.get("annotations") or [])]
+                        for a in (i.get("annotations") or [])
+                        if _matches(ChainMap({"itemId": _key(i), "datasetId": dataset_id}, a), flt)]
             else:
                 rows = [{k: v for k, v in i.items() if k != "annotations"} | {"type": "file", "hidden": False}
-                        for i in items]
-            rows = [r for r in rows if _matches(r, body.get("filter") or {})]
+                        for i in items if _matches(ChainMap({"type": "file", "hidden": False}, i), flt)]
             rows.sort(key=_key)
             page, size = int(body.get("page", 0)), int(body.get("pageSize", 1000))
             if standin.page_cap:
@@ -367,7 +371,7 @@ def _matches(row: dict, flt: Any) -> bool:
     for key, want in flt.items():
         value: Any = row
         for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+            value = value.get(part) if isinstance(value, Mapping) else None
         if key == "id":
             value = _key(row) or None
         if isinstance(want, dict):

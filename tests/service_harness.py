@@ -4,6 +4,7 @@ temp MODEL_DIR; started, restarted, stopped (SIGTERM, or SIGKILL mid-work)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -84,9 +85,12 @@ def wait_for(check, seconds: float, every: float = 0.25, what: str = "the condit
 
 
 def connect(ls, project_id: int, service: ServiceProcess, extra_params: dict, **kwargs):
-    """Connect the service to a project as a user does in Settings > Model (Connect Model)."""
+    """Connect the service to a project as a user does in Settings > Model (Connect Model). The
+    extra params go as JSON text, as Label Studio's form stores them (an object sent through the
+    API shows as `[object Object]` in the form, and saving the form then sends that)."""
+    text = extra_params if isinstance(extra_params, str) else json.dumps(extra_params)
     return ls.ml.create(project=project_id, url=service.url, title=kwargs.pop("title", "dl2ls"),
-                        extra_params=extra_params, **kwargs)
+                        extra_params=text, **kwargs)
 
 
 __all__ = ["CONFIG", "ServiceProcess", "connect", "wait_for", "free_port", "stop_process", "wait_http"]

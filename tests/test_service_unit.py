@@ -196,15 +196,17 @@ def job_rows(db: ServiceDB, where: str = "1") -> list[tuple]:
 
 
 def test_enqueue_merges_a_queued_job_of_the_same_kind_and_project(db):
-    first = db.enqueue("preannotate", 1, {"task_ids": [3, 1]})
-    second = db.enqueue("preannotate", 1, {"task_ids": [2, 3]})
+    first = db.enqueue("preannotate", 1, {"task_ids": [3, 1], "tasks": [{"id": 3, "data": {"v": "old"}}]})
+    second = db.enqueue("preannotate", 1, {"task_ids": [2, 3], "tasks": [{"id": 3, "data": {"v": "new"}},
+                                                                        {"id": 2, "data": {"v": "b"}}]})
     other_project = db.enqueue("preannotate", 2, {"task_ids": [9]})
     other_kind = db.enqueue("sync", 1)
     assert first == second and len({first, other_project, other_kind}) == 3
     rows = job_rows(db)
     assert [(r[1], r[2], r[3]) for r in rows] == [("preannotate", 1, "queued"), ("preannotate", 2, "queued"),
                                                    ("sync", 1, "queued")]
-    assert json.loads(rows[0][4]) == {"task_ids": [1, 2, 3]}
+    assert json.loads(rows[0][4]) == {"task_ids": [1, 2, 3], "tasks": [{"id": 2, "data": {"v": "b"}},
+                                                                      {"id": 3, "data": {"v": "new"}}]}
     assert db.counts() == {"queued": 3}
 
 
@@ -247,7 +249,7 @@ def test_a_dead_workers_job_merges_into_its_queued_twin(db):
     dead = db.claim("host:111", always)
     db.enqueue("preannotate", 1, {"task_ids": [2]})
     again = db.claim("host:222", never)
-    assert again.id != dead.id and again.payload == {"task_ids": [1, 2]}
+    assert again.id != dead.id and again.payload["task_ids"] == [1, 2]
     assert dict((r[0], r[3]) for r in job_rows(db)) == {dead.id: "superseded", again.id: "running"}
 
 
@@ -511,7 +513,10 @@ def test_tasks_created_twice_is_one_preannotation_of_both(service_app):
         r = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3, "title": "p"},
                                           "tasks": [{"id": i, "data": {}} for i in ids]})
         assert r.status_code == 201, r.json
-    assert queued(svc, "preannotate") == [("preannotate", 3, {"task_ids": [1, 2, 3, 4]})]
+    [(kind, project, payload)] = queued(svc, "preannotate")
+    assert (kind, project, payload["task_ids"]) == ("preannotate", 3, [1, 2, 3, 4])
+    # what Label Studio said of each task travels with the job (the later delivery wins)
+    assert [t["id"] for t in payload["tasks"]] == [1, 2, 3, 4]
     bad = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3}, "tasks": [{"id": True}]})
     assert bad.status_code == 400
 

@@ -47,6 +47,7 @@ from dl2ls.report import InputError, describe, escape
 log = logging.getLogger("dl2ls.server")
 
 MAX_BODY = 32 << 20
+TOLD_FIELDS = ("id", "data", "meta", "total_predictions", "total_annotations", "cancelled_annotations")
 PREDICT_SECONDS = 60.0  # a /predict stops fetching after this: Label Studio waits 100 s  # a /predict for many tasks with their data stays far below this
 RESCAN_SECONDS = 2.0  # how often a request may look at the source for changes
 CACHE_ITEMS = 256
@@ -541,11 +542,14 @@ def _service_routes(app: Flask, service, version: str, body, hook_secret: str | 
         if action == "TASKS_CREATED":
             project_id = project_id_of(data.get("project"))
             tasks = data.get("tasks") if isinstance(data.get("tasks"), list) else []
-            ids = sorted({t["id"] for t in tasks if isinstance(t, dict) and isinstance(t.get("id"), int)
-                          and not isinstance(t.get("id"), bool)})
+            told = [{k: t.get(k) for k in TOLD_FIELDS} for t in tasks if isinstance(t, dict)
+                    and isinstance(t.get("id"), int) and not isinstance(t.get("id"), bool)]
+            ids = sorted({t["id"] for t in told})
             if project_id is None or not ids:
                 raise BadRequest("TASKS_CREATED without a project id or task ids")
-            job = service.enqueue("preannotate", project_id, {"task_ids": ids}, reason=f"{len(ids)} tasks created")
+            # what the tasks were when created travels with the job: most need not be read back
+            job = service.enqueue("preannotate", project_id, {"task_ids": ids, "tasks": told},
+                                  reason=f"{len(ids)} tasks created")
             return jsonify(status="ok", job=job), 201
         log.info("webhook %s: nothing to do", escape(action or "(no action)")[:200])
         return jsonify(status="ignored", action=action)

@@ -35,6 +35,8 @@ import socket
 import sqlite3
 import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +57,9 @@ JOB_ATTEMPTS = 5
 RETRY_FIRST, RETRY_MAX = 15.0, 30 * 60.0
 POLL = 0.5  # how often an idle runner looks for jobs other workers added
 CATCH_UP = 2000  # tasks without predictions pre-annotated per sync
+CHUNK_TASKS = 400  # tasks read, resolved and converted together while the previous chunk is written
+FIRST_CHUNK = 50
+AHEAD = 2  # chunks prepared at once
 PRIORITY = {"connect": 0, "preannotate": 1, "sync": 2}
 MATCH_MODES = ("filename", "item-id")
 
@@ -220,7 +225,9 @@ CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, priority, id);
 def _merge(kind: str, old: dict, new: dict) -> dict:
     """Two queued jobs with one key are one job: a pre-annotation takes both sets of tasks."""
     if kind == "preannotate":
-        return {"task_ids": sorted(set(old.get("task_ids") or []) | set(new.get("task_ids") or []))}
+        tasks = {t["id"]: t for t in (old.get("tasks") or []) + (new.get("tasks") or [])}
+        return {"task_ids": sorted(set(old.get("task_ids") or []) | set(new.get("task_ids") or [])),
+                "tasks": [tasks[k] for k in sorted(tasks)]}
     return {**old, **new}
 
 
@@ -278,6 +285,7 @@ class ServiceDB:
         with self.transaction() as db:
             row = db.execute("SELECT setup_hash FROM projects WHERE project_id = ?", (project_id,)).fetchone()
             if row is not None and row[0] == digest:
+                db.execute("UPDATE projects SET params_error = NULL WHERE project_id = ?", (project_id,))
                 return False
             every = params.sync_every if params else DEFAULT_EVERY
             if row is None:
@@ -522,10 +530,15 @@ class Service:
         token = body.get("access_token") if isinstance(body.get("access_token"), str) else None
         hostname = body.get("hostname") if isinstance(body.get("hostname"), str) else None
         schema = body.get("schema") if isinstance(body.get("schema"), str) else None
-        changed = self.db.setup(project_id, str(body.get("project"))[:100], hostname, token, params, error, schema)
         if error:
+            # refused: Label Studio keeps the connection's previous settings, and so does the service
+            if project_id in self.db.projects(self.default_params):
+                self.db.note(project_id, params_error=error)
+            else:
+                self.db.setup(project_id, str(body.get("project"))[:100], hostname, token, None, error, schema)
             self.refresh()
             raise ParamsError(error)
+        changed = self.db.setup(project_id, str(body.get("project"))[:100], hostname, token, params, error, schema)
         if changed:
             with self.lock:
                 self.connections.pop(project_id, None)
@@ -587,7 +600,7 @@ class Service:
         if job.kind == "connect":
             return self.connect(job.project_id)
         if job.kind == "preannotate":
-            return self.preannotate(job.project_id, job.payload.get("task_ids") or [])
+            return self.preannotate(job.project_id, job.payload.get("task_ids") or [], told=job.payload.get("tasks"))
         if job.kind == "sync":
             return self.sync(job.project_id)
         raise ValueError(f"unknown job kind {job.kind!r}")
@@ -669,52 +682,106 @@ class Service:
     def _state(self, project_id: int) -> sync.State:
         return sync.State(self.model_dir / "projects" / f"{project_id}.sqlite3")
 
-    def preannotate(self, project_id: int, task_ids: list[int], tasks: list[push.ExistingTask] | None = None) -> str:
+    def preannotate(self, project_id: int, task_ids: list[int], tasks: list[push.ExistingTask] | None = None,
+                    told: list[dict] | None = None) -> str:
+        """`told`: the tasks as TASKS_CREATED described them (data, meta, counts)."""
         params, conn, project, config = self._project_parts(project_id)
         state = self._state(project_id)
         try:
-            return self._preannotate(project_id, params, conn, project, config, state, task_ids, tasks)
+            return self._preannotate(project_id, params, conn, project, config, state, task_ids, tasks, told)
         finally:
             state.close()
 
-    def _preannotate(self, project_id, params, conn, project, config, state, task_ids, tasks) -> str:
+    def _preannotate(self, project_id, params, conn, project, config, state, task_ids, tasks, told=None) -> str:
+        """Pre-annotate tasks, a chunk at a time: a chunk's items are found, read and converted
+        and its changes planned while the previous chunk is written. A task is taken as
+        TASKS_CREATED described it only when it had no prediction then and dl2ls has never
+        written (nor begun to write) on it; every other task is read back from Label Studio
+        first, so a webhook delivered twice, or a job re-run after a crash, finds what it wrote."""
+        told_by_id = {t["id"]: t for t in told or [] if isinstance(t, dict) and isinstance(t.get("id"), int)}
         started = time.monotonic()
-        if tasks is None:
-            tasks = list(state.with_records(conn.pusher.existing_tasks(project_id, task_ids=task_ids)))
-        if not tasks:
-            return "no tasks"
         options = params.options(config)
         data_keys = [o.data_key for o in config.objects]
         client = self.dataloop()
-        fetched = live.resolve(client, params.scope, [t.data for t in tasks], data_keys, options, self.defaults,
-                               self.cache)
-        report = fetched.report
-        stats = push.Stats()
-        planner = push.Planner(tasks, config.objects[0].data_key,
-                               warn=lambda line: report.warn(f"project {project_id}", line),
-                               **planner_options(config))
-        converted = {}
-        for task, got in zip(tasks, fetched.tasks):
-            if got.retry:
-                report.warn(f"task {task.id}", got.retry)
-            elif got.converted is not None and got.converted.task is not None:
-                converted[got.item_id] = (got.item, got.converted)
-        planner.match_paths({key: item.get("filename") for key, (item, _) in converted.items()})
+        report, stats = Report(), push.Stats()
+        counts: Counter = Counter()
+        failed: list = []
+        planners: list[push.Planner] = []
+
+        def as_told(task_id: int) -> push.ExistingTask | None:
+            t = told_by_id.get(task_id)
+            if t is None or t.get("total_predictions") or not isinstance(t.get("data"), dict) or not t["data"]:
+                return None
+            meta = t.get("meta") if isinstance(t.get("meta"), dict) else {}
+            if meta.get(push.META_KEY):
+                return None
+            people = (t.get("total_annotations") or 0) + (t.get("cancelled_annotations") or 0)
+            return push.ExistingTask(task_id, dict(t["data"]), people, 0, [], dict(meta))
+
+        def prepare(part):
+            """One chunk: its tasks (as told, or read back), their items found, read and converted."""
+            if tasks is not None:
+                chunk = part
+            else:
+                touched = state.written_to(part)
+                known = {i: as_told(i) for i in part if i not in touched}
+                ask = [i for i in part if known.get(i) is None]
+                read = {t.id: t for t in state.with_records(conn.pusher.existing_tasks(project_id, task_ids=ask))} \
+                    if ask else {}
+                chunk = [known.get(i) or read[i] for i in part if known.get(i) is not None or i in read]
+            return chunk, live.resolve(client, params.scope, [t.data for t in chunk], data_keys, options,
+                                       self.defaults, self.cache)
+
+        def prepared():
+            """Chunks in order, the next ones prepared while this one is planned and written."""
+            source = tasks if tasks is not None else sorted(set(task_ids))
+            parts, start, size = [], 0, FIRST_CHUNK  # small first: the first write starts early
+            while start < len(source):
+                parts.append(source[start:start + size])
+                start, size = start + size, min(2 * size, CHUNK_TASKS)
+            with ThreadPoolExecutor(AHEAD, thread_name_prefix="dl2ls-prepare") as pool:
+                pending = [pool.submit(prepare, part) for part in parts[:AHEAD]]
+                for n in range(len(parts)):
+                    chunk, fetched = pending.pop(0).result()
+                    if n + AHEAD < len(parts):
+                        pending.append(pool.submit(prepare, parts[n + AHEAD]))
+                    yield chunk, fetched
 
         def changes():
-            for key, (item, done) in converted.items():
-                yield planner.plan(done.task, done.body, stats)
-
-        failed = []
+            for chunk, fetched in prepared():
+                counts["tasks"] += len(chunk)
+                report.merge(fetched.report)
+                counts["cached"] += fetched.cache_hits
+                planner = push.Planner(chunk, config.objects[0].data_key,
+                                       warn=lambda line: report.warn(f"project {project_id}", line),
+                                       **planner_options(config))
+                planners.append(planner)
+                converted = {}
+                for task, got in zip(chunk, fetched.tasks):
+                    if got.retry:
+                        report.warn(f"task {task.id}", got.retry)
+                    elif got.item is None:
+                        counts["no item"] += 1
+                    elif got.converted is not None and got.converted.task is not None:
+                        converted[got.item_id] = (got.item, got.converted)
+                counts["items"] += len(converted)
+                planner.match_paths({key: item.get("filename") for key, (item, _) in converted.items()})
+                planned = [planner.plan(done.task, done.body, stats) for _, done in converted.values()]
+                state.intend(c for c in planned if c is not None and c.writes_anything)
+                yield from planned
 
         def landed(result: push.BatchResult) -> None:
             state.keep_records(result.landed)
             failed.extend(result.refused)
 
+        requests_before = client.counters.requests
         push.apply(conn.pusher, project_id, changes(), on_batch=landed)
+        counts["requests"] = client.counters.requests - requests_before
+        if not counts["tasks"]:
+            return "no tasks"
         for change, why in failed:
             report.warn(f"project {project_id}", f"item {escape(change.item or '?')}: Label Studio refused it: {why}")
-        version = planner.model_version(project.model_version, stats, conn.titles)
+        version = planners[-1].model_version(project.model_version, stats, conn.titles) if planners else None
         if version:
             conn.pusher.set_model_version(project_id, version)
         written = stats.predictions_created + stats.predictions_replaced
@@ -724,9 +791,8 @@ class Service:
             self.db.note(project_id, version=top)
         for problem in report.problems[:20]:
             log.warning("project %d: %s", project_id, problem.line())
-        no_item = sum(1 for t in fetched.tasks if t.item is None and not t.retry)
-        return (f"{len(tasks)} tasks: {len(converted)} items from Dataloop ({fetched.requests} requests, "
-                f"{fetched.cache_hits} cached), {no_item} without an item; Label Studio: {stats.summary()}; "
+        return (f"{counts['tasks']} tasks: {counts['items']} items from Dataloop ({counts['requests']} requests, "
+                f"{counts['cached']} cached), {counts['no item']} without an item; Label Studio: {stats.summary()}; "
                 f"{time.monotonic() - started:.1f} s")
 
     def sync(self, project_id: int) -> str:

@@ -196,8 +196,9 @@ class State:
 
         def flush() -> Iterator[push.ExistingTask]:
             marks = ",".join("?" * len(batch))
-            rows = dict(self.db.execute(f"SELECT task_id, record FROM task_record WHERE task_id IN ({marks})",
-                                        [t.id for t in batch]).fetchall()) if batch else {}
+            with self.lock:  # the writer thread records batches on this connection meanwhile
+                rows = dict(self.db.execute(f"SELECT task_id, record FROM task_record WHERE task_id IN ({marks})",
+                                            [t.id for t in batch]).fetchall()) if batch else {}
             for task in batch:
                 if task.id in rows and not task.recorded:
                     task.meta = {**task.meta, push.META_KEY: json.loads(rows[task.id])}
@@ -216,9 +217,28 @@ class State:
         out: dict[str, int] = {}
         for i in range(0, len(wanted), 500):
             chunk = wanted[i:i + 500]
-            out.update({item: task for task, item in self.db.execute(
-                f"SELECT task_id, item FROM task_record WHERE item IN ({','.join('?' * len(chunk))})", chunk)})
+            with self.lock:
+                out.update({item: task for task, item in self.db.execute(
+                    f"SELECT task_id, item FROM task_record WHERE item IN ({','.join('?' * len(chunk))})", chunk)})
         return out
+
+    def written_to(self, task_ids: Iterable[int]) -> set[int]:
+        """Those of these tasks dl2ls wrote on, or was about to (see `intend`)."""
+        wanted = list(task_ids)
+        out: set[int] = set()
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            with self.lock:
+                out.update(t for (t,) in self.db.execute(
+                    f"SELECT task_id FROM task_record WHERE task_id IN ({','.join('?' * len(chunk))})", chunk))
+        return out
+
+    def intend(self, changes: Iterable[push.Change]) -> None:
+        """Before writing on tasks: a mark that something may land there, so that a run killed
+        before `keep_records` reads those tasks back instead of trusting what it was told of them."""
+        rows = [(c.task_id, c.item, "{}") for c in changes if c.task_id is not None]
+        with self.lock, self.db:
+            self.db.executemany("INSERT OR IGNORE INTO task_record VALUES (?, ?, ?)", rows)
 
     def keep_records(self, changes: Iterable[push.Change]) -> None:
         """What landed on each task, for `with_records` (a deleted task's record goes)."""

@@ -153,6 +153,7 @@ class Change:
     meta_update: dict | None = None  # the task's whole meta, with dl2ls's record
     delete_task: bool = False
     record: dict | None = None  # dl2ls's record of what the task holds, for a caller that keeps it itself
+    data_late: bool = False  # data_update claims nothing (only `fps`): written after the predictions
 
     @property
     def writes_anything(self) -> bool:
@@ -304,6 +305,8 @@ class Planner:
                    if k in self.complete and v is not None and k not in existing.data}
         if missing:  # the task's media, and anything the user put there, stay as they are
             change.data_update = {**existing.data, **missing}
+            # without task writes nothing is claimed: the predictions need not wait for it
+            change.data_late = not self.task_writes
             stats.task_data_updated += 1
         fps = task["data"].get("fps")
         if fps is not None and existing.data.get("fps") not in (None, fps):
@@ -747,12 +750,13 @@ def _write_existing(pusher: Pusher, project_id: int, batch: list[Change]) -> Bat
        Studio rejects it; a resent half first deletes the versions it writes, in case part of the
        rejected request landed);
     4. the task's record of what dl2ls wrote comes last, so a run killed before it replaces the
-       version again next time: nothing is ever doubled."""
+       version again next time: nothing is ever doubled. Data that claims nothing (`data_late`:
+       the service's `fps`) goes here too, so that the predictions do not wait for it."""
     refused: list[tuple[Change, str]] = []
     ready: list[Change] = []
     for change in batch:
         try:
-            if change.data_update is not None and not change.delete_task:
+            if change.data_update is not None and not change.delete_task and not change.data_late:
                 pusher.update_task(change.task_id, data=change.data_update)
             if change.delete_task:
                 pusher.delete_task(change.task_id)
@@ -776,6 +780,8 @@ def _write_existing(pusher: Pusher, project_id: int, batch: list[Change]) -> Bat
     landed = []
     for change in imported.landed:
         try:
+            if change.data_update is not None and change.data_late and not change.delete_task:
+                pusher.update_task(change.task_id, data=change.data_update)
             if change.meta_update is not None and not change.delete_task:
                 pusher.update_task(change.task_id, meta=change.meta_update)
         except Rejected as err:
