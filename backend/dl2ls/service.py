@@ -770,12 +770,16 @@ class Service:
                 state.intend(c for c in planned if c is not None and c.writes_anything)
                 yield from planned
 
+        late: list[push.Change] = []
+
         def landed(result: push.BatchResult) -> None:
             state.keep_records(result.landed)
             failed.extend(result.refused)
+            late.extend(c for c in result.landed if c.data_late)
 
         requests_before = client.counters.requests
         push.apply(conn.pusher, project_id, changes(), on_batch=landed)
+        failed.extend(push.complete_late(conn.pusher, late))  # fps, once every prediction is in
         counts["requests"] = client.counters.requests - requests_before
         if not counts["tasks"]:
             return "no tasks"
@@ -812,9 +816,11 @@ class Service:
             self.db.note(project_id, last_sync=time.time(), last_line=summary.line()[:500],
                          items_behind=summary.failed + summary.quarantined, **({"version": top} if top else {}))
             self.db.add_counts(project_id, predictions_written=written, syncs=1)
-            # tasks Label Studio never told us about (a webhook it did not deliver, a restart)
+            # tasks Label Studio never told us about (a webhook it did not deliver, a restart), and
+            # tasks still without the fps the config reads (a run stopped before it was written)
             waiting = []
-            for task in conn.pusher.existing_tasks(project_id, without_predictions=True):
+            lacking = planner_options(config)["complete"]
+            for task in conn.pusher.existing_tasks(project_id, without_predictions=True, lacking=lacking):
                 waiting.append(task)
                 if len(waiting) >= CATCH_UP:
                     break

@@ -455,8 +455,12 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
             state.commit(rows, forget)
             if not planner.task_writes:
                 state.keep_records(result.landed)
+            late.extend(c for c in result.landed if c.data_late)
 
+        late: list[push.Change] = []
         push.apply(pusher, project_id, changes(), on_batch=landed)
+        for change, why in push.complete_late(pusher, late):
+            report.warn(f"dataloop:{dataset_id}/{change.item}", f"Label Studio refused its fps: {why}")
         version = planner.model_version(project.model_version, summary.stats, live)
         if version:
             pusher.set_model_version(project_id, version)

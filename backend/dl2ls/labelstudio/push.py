@@ -479,8 +479,9 @@ class Pusher:
         return project
 
     def existing_tasks(self, project_id: int, task_ids: Iterable[int] | None = None,
-                       without_predictions: bool = False) -> Iterator[ExistingTask]:
-        """Every task of the project (or those of `task_ids`, or those with no prediction at all),
+                       without_predictions: bool = False, lacking: Iterable[str] = ()) -> Iterator[ExistingTask]:
+        """Every task of the project (or those of `task_ids`; or those with no prediction at all
+        or lacking one of the data keys `lacking`),
         a page at a time: id, data, meta, and what its predictions are (how many, which versions)
         without their bodies. Read through the SDK's own HTTP client and parsed by orjson: the
         typed pager spends longer building models than the server takes. The selections are the
@@ -493,8 +494,10 @@ class Pusher:
             if not query["selectedItems"]["included"]:
                 return
         if without_predictions:
-            query["filters"] = {"conjunction": "and", "items": [{"filter": "filter:tasks:total_predictions",
-                                                                 "operator": "equal", "type": "Number", "value": 0}]}
+            items = [{"filter": "filter:tasks:total_predictions", "operator": "equal", "type": "Number", "value": 0}]
+            items += [{"filter": f"filter:tasks:data.{key}", "operator": "empty", "type": "Unknown", "value": True}
+                      for key in lacking]
+            query["filters"] = {"conjunction": "or", "items": items}
         extra = {"query": orjson.dumps(query).decode()} if query else {}
         page, seen = 1, 0
         while True:
@@ -750,8 +753,9 @@ def _write_existing(pusher: Pusher, project_id: int, batch: list[Change]) -> Bat
        Studio rejects it; a resent half first deletes the versions it writes, in case part of the
        rejected request landed);
     4. the task's record of what dl2ls wrote comes last, so a run killed before it replaces the
-       version again next time: nothing is ever doubled. Data that claims nothing (`data_late`:
-       the service's `fps`) goes here too, so that the predictions do not wait for it."""
+       version again next time: nothing is ever doubled.
+    Data that claims nothing (`data_late`: the service's `fps`) is left to `complete_late`, after
+    every batch, so that no prediction waits for one request per task."""
     refused: list[tuple[Change, str]] = []
     ready: list[Change] = []
     for change in batch:
@@ -780,8 +784,6 @@ def _write_existing(pusher: Pusher, project_id: int, batch: list[Change]) -> Bat
     landed = []
     for change in imported.landed:
         try:
-            if change.data_update is not None and change.data_late and not change.delete_task:
-                pusher.update_task(change.task_id, data=change.data_update)
             if change.meta_update is not None and not change.delete_task:
                 pusher.update_task(change.task_id, meta=change.meta_update)
         except Rejected as err:
@@ -789,6 +791,24 @@ def _write_existing(pusher: Pusher, project_id: int, batch: list[Change]) -> Bat
             continue
         landed.append(change)
     return BatchResult(landed, refused)
+
+
+def complete_late(pusher: Pusher, changes: Iterable[Change], threads: int = 4) -> list[tuple[Change, str]]:
+    """The `data_late` updates of changes that landed, a few at once (Label Studio has no bulk
+    update of task data); those it refuses, with why."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    late = [c for c in changes if c.data_late and c.data_update is not None and not c.delete_task]
+
+    def one(change: Change) -> tuple[Change, str] | None:
+        try:
+            pusher.update_task(change.task_id, data=change.data_update)
+        except Rejected as err:
+            return change, str(err)
+        return None
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="dl2ls-data") as pool:
+        return [r for r in pool.map(one, late) if r is not None]
 
 
 def _delete_versions(pusher: Pusher, task_id: int, versions: set[str]) -> None:
