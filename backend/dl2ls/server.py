@@ -46,9 +46,9 @@ from dl2ls.report import InputError, describe, escape
 
 log = logging.getLogger("dl2ls.server")
 
-MAX_BODY = 32 << 20
+MAX_BODY = 32 << 20  # a /predict for many tasks with their data stays far below this
 TOLD_FIELDS = ("id", "data", "meta", "total_predictions", "total_annotations", "cancelled_annotations")
-PREDICT_SECONDS = 60.0  # a /predict stops fetching after this: Label Studio waits 100 s  # a /predict for many tasks with their data stays far below this
+PREDICT_SECONDS = 60.0  # a /predict stops fetching after this: Label Studio waits 100 s
 RESCAN_SECONDS = 2.0  # how often a request may look at the source for changes
 CACHE_ITEMS = 256
 DEFAULT_VERSION = "dataloop"
@@ -356,9 +356,17 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     open_paths = {"/health", "/", "/metrics", "/dataloop/webhook"}  # the hook has its own secret
 
+    def hook_token_ok() -> bool:
+        """Label Studio's webhooks carry the service's own token instead of basic auth."""
+        service = app.extensions.get("dl2ls.service")
+        given = request.args.get("token") or ""
+        return bool(service and request.path == "/webhook" and given
+                    and hmac.compare_digest(given.encode(), service.db.hook_token.encode()))
+
     @app.before_request
     def check_auth():
-        if user and password and request.path not in open_paths and not _authorized(user, password):
+        if user and password and request.path not in open_paths and not _authorized(user, password) \
+                and not hook_token_ok():
             response = jsonify(error="authentication required")
             response.status_code = 401
             response.headers["WWW-Authenticate"] = 'Basic realm="dl2ls"'
@@ -495,7 +503,11 @@ def _service_routes(app: Flask, service, version: str, body, hook_secret: str | 
             log.warning("project %s: no Dataloop dataset: put {\"dataset\": \"<id>\"} in the connection's Extra "
                         "params, or set DL2LS_DATASET", project_id)
             return jsonify(results=[[] for _ in tasks], model_version=shown)
-        good = [(i, t) for i, t in enumerate(tasks) if isinstance(t, dict) and isinstance(t.get("data"), dict)]
+        # a task a queued pre-annotation will write on waits for it ([]: Label Studio asks again),
+        # or the job would find Label Studio's copy of this answer beside its own
+        pending = service.db.pending_tasks(project_id) if project_id is not None else set()
+        good = [(i, t) for i, t in enumerate(tasks) if isinstance(t, dict) and isinstance(t.get("data"), dict)
+                and t.get("id") not in pending]
         results: list = [[] for _ in tasks]
         try:
             client = service.dataloop()
@@ -503,7 +515,7 @@ def _service_routes(app: Flask, service, version: str, body, hook_secret: str | 
             log.warning("/predict: Dataloop: %s", escape(describe(err)))
             return jsonify(results=results, model_version=shown)
         fetched = live.resolve(client, params.scope, [t["data"] for _, t in good],
-                               [o.data_key for o in config.objects], params.options(config), service.defaults,
+                               params.data_keys(config), params.options(config), service.defaults,
                                service.cache, deadline=time.monotonic() + PREDICT_SECONDS)
         for (position, task), got in zip(good, fetched.tasks):
             name = live.describe_task(position, task)
@@ -520,12 +532,17 @@ def _service_routes(app: Flask, service, version: str, body, hook_secret: str | 
         for position, task in enumerate(tasks):
             if not (isinstance(task, dict) and isinstance(task.get("data"), dict)):
                 log.warning("%s: its `data` is not an object", live.describe_task(position, task))
+        answered = [tasks[i]["id"] for i, r in enumerate(results) if r != [] and isinstance(tasks[i].get("id"), int)]
+        if project_id is not None:
+            service.db.mark_answered(project_id, answered)
         return jsonify(results=results, model_version=shown)
 
     def train_project(data) -> tuple:
         project_id = project_id_of(data.get("project")) if isinstance(data, dict) else None
         if project_id is None:
             raise BadRequest("no project in the request")
+        if not service.known(project_id):
+            return jsonify(error=f"project {project_id} never connected this backend (no /setup)"), 404
         job = service.enqueue("sync", project_id, reason="Start Training")
         return jsonify(status="ok", job=job), 201
 
@@ -547,6 +564,9 @@ def _service_routes(app: Flask, service, version: str, body, hook_secret: str | 
             ids = sorted({t["id"] for t in told})
             if project_id is None or not ids:
                 raise BadRequest("TASKS_CREATED without a project id or task ids")
+            if not service.known(project_id):
+                log.info("webhook TASKS_CREATED for project %d, which never connected this backend: ignored", project_id)
+                return jsonify(status="ignored", reason="project not connected")
             # what the tasks were when created travels with the job: most need not be read back
             job = service.enqueue("preannotate", project_id, {"task_ids": ids, "tasks": told},
                                   reason=f"{len(ids)} tasks created")

@@ -89,6 +89,11 @@ class ProjectParams:
     def options(self, config: lsconfig.LabelConfig) -> ConvertOptions:
         return ConvertOptions(config=config, label_map=dict(self.label_map), model_version=self.model_version)
 
+    def data_keys(self, config: lsconfig.LabelConfig) -> list[str]:
+        """The task data a live lookup may match an item by besides `dataloop_item_id`: the
+        media (match `filename`), or nothing (match `item-id`)."""
+        return [o.data_key for o in config.objects] if self.match == "filename" else []
+
     def shown_version(self) -> str:
         """The version the project's labeling stream should show: the template itself, or (a
         template with fields gives one version per source) its human annotations' version."""
@@ -203,6 +208,7 @@ class ProjectRow:
     jobs_failed: int = 0
     version: str = "dataloop"
     params_error: str | None = None
+    stored: bool = False  # the params come from a /setup (not the defaults)
 
 
 _SCHEMA = """
@@ -219,6 +225,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL, finished REAL, error TEXT, reason TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_queued_key ON jobs (key) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, priority, id);
+CREATE TABLE IF NOT EXISTS answered (project_id INTEGER, task_id INTEGER, PRIMARY KEY (project_id, task_id));
 """
 
 
@@ -239,22 +246,25 @@ class ServiceDB:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.local = threading.local()
-        first = not path.exists()
+        # it holds Label Studio tokens: 0600 before SQLite opens it (its -wal and -shm files take
+        # the database's mode)
+        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
         with self.connect() as db:
             db.executescript(_SCHEMA)
-        if first:
-            os.chmod(path, 0o600)  # it holds Label Studio tokens
         row = self.connect().execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
         if row is None:
             with self.transaction() as db:
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)", (os.urandom(8).hex(),))
             row = self.connect().execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
         self.instance = row[0]
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('hook_token', ?)", (os.urandom(24).hex(),))
+        self.hook_token = self.connect().execute("SELECT value FROM meta WHERE key = 'hook_token'").fetchone()[0]
 
     def connect(self) -> sqlite3.Connection:
         db = getattr(self.local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db = sqlite3.connect(self.path, timeout=LEASE / 3, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             self.local.db = db
@@ -307,15 +317,16 @@ class ServiceDB:
         for r in db.execute("SELECT project_id, params, hostname, token, ref, connection, last_sync, last_line, "
                             "items_behind, failures, predictions_written, syncs, version, params_error "
                             "FROM projects"):
-            params = default
+            params, stored = default, False
             if r[1]:
                 try:
                     params = parse_params(json.loads(r[1]), default.dataset, default.model_version)
+                    stored = True
                 except ParamsError:
                     params = default
             out[r[0]] = ProjectRow(r[0], params, r[2], r[3], r[4], r[5] or "", r[6], r[7], r[8] or 0, r[9] or 0,
                                    r[10] or 0, r[11] or 0, queued.get(r[0], 0), failed.get(r[0], 0),
-                                   r[12] or params.shown_version(), r[13])
+                                   r[12] or params.shown_version(), r[13], stored)
         return out
 
     def note(self, project_id: int, **fields) -> None:
@@ -367,7 +378,9 @@ class ServiceDB:
                 twin = db.execute("SELECT id, payload FROM jobs WHERE key = ? AND state = 'queued'", (key,)).fetchone()
                 if twin is not None:
                     merged = _merge(kind, json.loads(payload), json.loads(twin[1]))
-                    db.execute("UPDATE jobs SET payload = ? WHERE id = ?", (json.dumps(merged), twin[0]))
+                    attempts = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
+                    db.execute("UPDATE jobs SET payload = ?, attempts = MAX(attempts, ?) WHERE id = ?",
+                               (json.dumps(merged), attempts, twin[0]))
                     db.execute("UPDATE jobs SET state = 'superseded', finished = ? WHERE id = ?", (now, job_id))
                 elif db.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()[0] >= JOB_ATTEMPTS:
                     # a job that takes its worker down every time it runs is given up on
@@ -406,9 +419,13 @@ class ServiceDB:
                 db.execute("DELETE FROM jobs WHERE state IN ('done', 'superseded') AND finished < ?", (now - 3600,))
                 return "done"
             final = final or job.attempts >= JOB_ATTEMPTS
-            twin = db.execute("SELECT id FROM jobs WHERE key = (SELECT key FROM jobs WHERE id = ?) AND "
+            twin = db.execute("SELECT id, payload FROM jobs WHERE key = (SELECT key FROM jobs WHERE id = ?) AND "
                               "state = 'queued'", (job.id,)).fetchone()
-            if final or twin is not None:  # a queued twin will do the work again anyway
+            if twin is not None and not final:  # the queued twin does this job's work too
+                merged = _merge(job.kind, job.payload, json.loads(twin[1]))
+                db.execute("UPDATE jobs SET payload = ?, attempts = MAX(attempts, ?) WHERE id = ?",
+                           (json.dumps(merged), job.attempts, twin[0]))
+            if final or twin is not None:
                 db.execute("UPDATE jobs SET state = ?, finished = ?, error = ?, owner = NULL WHERE id = ?",
                            ("failed" if final else "superseded", now, error[:500], job.id))
                 return "failed" if final else "superseded"
@@ -429,6 +446,30 @@ class ServiceDB:
                            (now + seconds * random.uniform(0.95, 1.05), project_id))
                 due.append(project_id)
         return due
+
+    def pending_tasks(self, project_id: int) -> set[int]:
+        """Tasks a queued or running pre-annotation of the project will write on."""
+        out: set[int] = set()
+        for (payload,) in self.connect().execute("SELECT payload FROM jobs WHERE kind = 'preannotate' AND "
+                                                 "project_id = ? AND state IN ('queued', 'running')", (project_id,)):
+            out.update(json.loads(payload).get("task_ids") or [])
+        return out
+
+    def mark_answered(self, project_id: int, task_ids: list[int]) -> None:
+        """Tasks /predict answered: Label Studio stores those answers itself, so a pre-annotation
+        must read such a task back rather than take it as TASKS_CREATED described it."""
+        if task_ids:
+            with self.transaction() as db:
+                db.executemany("INSERT OR IGNORE INTO answered VALUES (?, ?)", [(project_id, t) for t in task_ids])
+
+    def answered(self, project_id: int, task_ids: list[int]) -> set[int]:
+        out: set[int] = set()
+        for i in range(0, len(task_ids), 500):
+            chunk = task_ids[i:i + 500]
+            out.update(t for (t,) in self.connect().execute(
+                f"SELECT task_id FROM answered WHERE project_id = ? AND task_id IN ({','.join('?' * len(chunk))})",
+                [project_id, *chunk]))
+        return out
 
     def counts(self) -> dict[str, int]:
         return dict(self.connect().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
@@ -553,6 +594,13 @@ class Service:
         self.wake.set()
         return job_id
 
+    def known(self, project_id: int | None) -> bool:
+        """Whether the project connected this backend (a /setup): only those get jobs."""
+        if project_id in self.snapshot:
+            return True
+        self.refresh()
+        return project_id in self.snapshot
+
     def projects_on_dataset(self, dataset_id: str | None) -> list[int]:
         """Connected projects a Dataloop event may concern (every project when the dataset is unknown)."""
         return [p for p, row in self.snapshot.items()
@@ -615,30 +663,31 @@ class Service:
             self.db.note(project_id, connection=f"ok: {conn.which}; no webhook: set DL2LS_PUBLIC_URL")
             return ("webhook not registered: none of the project's ML backends answers as this service; set "
                     "DL2LS_PUBLIC_URL to this backend's URL as Label Studio reaches it")
-        url = hook + "/webhook"
-        headers = {}
-        if self.basic_auth:
-            import base64
-
-            headers["Authorization"] = "Basic " + base64.b64encode(":".join(self.basic_auth).encode()).decode()
-        # Label Studio makes a webhook to a connected backend's /webhook itself (all actions, no
-        # headers): it is kept, and given what it lacks (TASKS_CREATED, payloads, basic auth)
-        mine = [w for w in conn.pusher.webhooks(project_id) if w.get("url") == url]
+        # the webhook carries its own token, never the backend's basic auth: Label Studio shows a
+        # webhook's URL and headers to the project's admins, and this token only lets its holder
+        # queue pre-annotations and syncs
+        base = hook + "/webhook"
+        url = f"{base}?token={self.db.hook_token}"
+        # Label Studio makes a webhook to a connected backend's /webhook itself (all actions): it
+        # is kept, and given what it lacks (the token, TASKS_CREATED, payloads)
+        mine = [w for w in conn.pusher.webhooks(project_id)
+                if isinstance(w.get("url"), str) and w["url"].split("?", 1)[0] == base]
+        mine.sort(key=lambda w: w.get("url") != url)  # one already ours first
         if not mine:
-            conn.pusher.create_webhook(project_id, url, ["TASKS_CREATED"], headers)
+            conn.pusher.create_webhook(project_id, url, ["TASKS_CREATED"], {})
             what = "registered"
         else:
-            hook = mine[0]
-            actions = list(hook.get("actions") or [])
-            covered = hook.get("send_for_all_actions") or "TASKS_CREATED" in actions
-            if covered and hook.get("is_active", True) and hook.get("send_payload", True) \
-                    and (hook.get("headers") or {}) == headers:
+            found = mine[0]
+            actions = list(found.get("actions") or [])
+            covered = found.get("send_for_all_actions") or "TASKS_CREATED" in actions
+            if covered and found.get("url") == url and found.get("is_active", True) \
+                    and found.get("send_payload", True) and not found.get("headers"):
                 what = "already registered"
             else:
-                conn.pusher.update_webhook(hook["id"], url, actions if covered else actions + ["TASKS_CREATED"],
-                                           headers, all_actions=bool(hook.get("send_for_all_actions")))
+                conn.pusher.update_webhook(found["id"], url, actions if covered else actions + ["TASKS_CREATED"],
+                                           {}, all_actions=bool(found.get("send_for_all_actions")))
                 what = "updated"
-        return f"webhook TASKS_CREATED -> {url}: {what}"
+        return f"webhook TASKS_CREATED -> {base}: {what}"
 
     def _own_url(self, backends: list[dict]) -> str | None:
         if self.public_url:
@@ -659,8 +708,10 @@ class Service:
 
     def _project_parts(self, project_id: int):
         row = self.db.projects(self.default_params).get(project_id)
-        params = row.params if row else self.default_params
-        if row is not None and row.params_error:
+        if row is None:
+            raise ParamsError(f"project {project_id} never connected this backend (no /setup from Label Studio)")
+        params = row.params
+        if row.params_error and not row.stored:  # refused, and nothing good to fall back on
             raise ParamsError(row.params_error)
         if params.scope is None:
             raise ParamsError(f"project {project_id} names no Dataloop dataset: put {{\"dataset\": \"<id>\"}} in the "
@@ -682,13 +733,12 @@ class Service:
     def _state(self, project_id: int) -> sync.State:
         return sync.State(self.model_dir / "projects" / f"{project_id}.sqlite3")
 
-    def preannotate(self, project_id: int, task_ids: list[int], tasks: list[push.ExistingTask] | None = None,
-                    told: list[dict] | None = None) -> str:
+    def preannotate(self, project_id: int, task_ids: list[int], told: list[dict] | None = None) -> str:
         """`told`: the tasks as TASKS_CREATED described them (data, meta, counts)."""
         params, conn, project, config = self._project_parts(project_id)
         state = self._state(project_id)
         try:
-            return self._preannotate(project_id, params, conn, project, config, state, task_ids, tasks, told)
+            return self._preannotate(project_id, params, conn, project, config, state, task_ids, None, told)
         finally:
             state.close()
 
@@ -701,7 +751,7 @@ class Service:
         told_by_id = {t["id"]: t for t in told or [] if isinstance(t, dict) and isinstance(t.get("id"), int)}
         started = time.monotonic()
         options = params.options(config)
-        data_keys = [o.data_key for o in config.objects]
+        data_keys = params.data_keys(config)
         client = self.dataloop()
         report, stats = Report(), push.Stats()
         counts: Counter = Counter()
@@ -723,7 +773,7 @@ class Service:
             if tasks is not None:
                 chunk = part
             else:
-                touched = state.written_to(part)
+                touched = state.written_to(part) | self.db.answered(project_id, part)
                 known = {i: as_told(i) for i in part if i not in touched}
                 ask = [i for i in part if known.get(i) is None]
                 read = {t.id: t for t in state.with_records(conn.pusher.existing_tasks(project_id, task_ids=ask))} \
@@ -754,7 +804,7 @@ class Service:
                 counts["cached"] += fetched.cache_hits
                 planner = push.Planner(chunk, config.objects[0].data_key,
                                        warn=lambda line: report.warn(f"project {project_id}", line),
-                                       **planner_options(config))
+                                       **planner_options(config, params.match))
                 planners.append(planner)
                 converted = {}
                 for task, got in zip(chunk, fetched.tasks):
@@ -807,7 +857,7 @@ class Service:
             summary = sync.run_once(
                 self.dataloop(), conn.pusher, params.dataset, project_id, state, list(params.filters),
                 params.options(config), self.defaults, report,
-                planner_options={**planner_options(config), "match_mode": params.match},
+                planner_options=planner_options(config, params.match),
                 live=conn.titles)
             for problem in report.problems[:20]:
                 log.warning("project %d: %s", project_id, problem.line())
@@ -852,14 +902,17 @@ class Service:
     def _tick(self) -> None:
         """Once a second: due syncs, lease heartbeats, the in-memory view."""
         while True:
+            try:  # the heartbeat first, on its own: nothing else may cost a running job its lease
+                with self.lock:
+                    ids = list(self.running)
+                self.db.renew(self.owner, ids)
+            except Exception as err:  # noqa: BLE001 - the scheduler must outlive any one failure
+                log.error("renewing job leases: %s", escape(describe(err)))
             try:
                 self.refresh()
                 for project_id in self.db.due_syncs(lambda p: self.params(p).sync_every):
                     if self.params(project_id).dataset:
                         self.enqueue("sync", project_id, reason="schedule")
-                with self.lock:
-                    ids = list(self.running)
-                self.db.renew(self.owner, ids)
             except Exception as err:  # noqa: BLE001 - the scheduler must outlive any one failure
                 log.error("scheduler: %s", escape(describe(err)))
             time.sleep(1.0)
@@ -954,12 +1007,12 @@ class Service:
         return "\n".join(lines) + "\n"
 
 
-def planner_options(config: lsconfig.LabelConfig) -> dict:
+def planner_options(config: lsconfig.LabelConfig, match: str = "filename") -> dict:
     """How the service plans: tasks are the project's own (matched by path, never created), and
     dl2ls's records stay in its state rather than one request per task; only `fps` is added to a
     task that lacks it when the config's frameRate reads it (the editor's clock depends on it)."""
     needs_fps = any(o.frame_rate == "$fps" for o in config.objects)
-    return {"match_mode": "filename", "create_tasks": False, "task_writes": False,
+    return {"match_mode": match, "create_tasks": False, "task_writes": False,
             "complete": ("fps",) if needs_fps else ()}
 
 

@@ -134,6 +134,10 @@ class State:
             # batches are recorded from push's writer thread as they land: one connection, one lock
             self.db = sqlite3.connect(self.path, check_same_thread=False)
             self.lock = threading.Lock()
+            # a commit per landed batch (and, in the service, per write announced): WAL makes each
+            # one cheap, and a killed process still loses no committed row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
             # one row per scope and item: overlapping scopes (the dataset, and a filter within it)
             # keep their own records of what they wrote and of what failed
             self.db.executescript("""
@@ -424,6 +428,8 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
                     state.commit([row] if change is not None else [fail(item_id, "matched no task unambiguously")])
                     continue
                 pending[item_id] = row
+                if not planner.task_writes:
+                    state.intend([change])  # before it is written (see State.intend)
                 yield change
             doomed = [(item_id, planner.find(item_id).id) for item_id in deleted if planner.find(item_id)]
             check = push.mass_deletion(doomed, planner.total_tasks, allow_mass_delete)
