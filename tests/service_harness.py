@@ -93,4 +93,10 @@ def connect(ls, project_id: int, service: ServiceProcess, extra_params: dict, **
                         extra_params=text, **kwargs)
 
 
-__all__ = ["CONFIG", "ServiceProcess", "connect", "wait_for", "free_port", "stop_process", "wait_http"]
+def webhook_registered(ls, project_id: int, service: ServiceProcess) -> bool:
+    """Whether the service's connect job has registered its TASKS_CREATED webhook (its URL
+    carries the service's token; Label Studio's own webhook to the backend has none)."""
+    return any(w.url.startswith(f"{service.url}/webhook?token=") for w in ls.webhooks.list(project=project_id))
+
+
+__all__ = ["CONFIG", "ServiceProcess", "connect", "wait_for", "webhook_registered", "free_port", "stop_process", "wait_http"]

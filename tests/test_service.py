@@ -15,7 +15,7 @@ import requests
 
 from conftest import assert_frame_exact
 from dataloop_standin import DataloopStandIn
-from service_harness import CONFIG, ServiceProcess, connect, wait_for
+from service_harness import CONFIG, ServiceProcess, connect, wait_for, webhook_registered
 from test_dataloop_api import sample_item
 
 SECRET = "hook-secret-123"
@@ -109,7 +109,7 @@ def test_imported_tasks_get_frame_exact_predictions_and_follow_dataloop(ls_env, 
     service = services(workers=2)
     project = ls.projects.create(title="service e2e", label_config=CONFIG)
     backend = connect(ls, project.id, service, {"dataset": "ds1"})
-    wait_for(lambda: any(w.url == f"{service.url}/webhook" for w in ls.webhooks.list(project=project.id)), 15,
+    wait_for(lambda: webhook_registered(ls, project.id, service), 15,
              what="the TASKS_CREATED webhook registered")
 
     started = time.monotonic()
@@ -187,7 +187,7 @@ def test_restart_mid_work_and_webhooks_delivered_twice(ls_env, standin, services
     service = services(workers=2)
     project = ls.projects.create(title="service restart", label_config=CONFIG)
     connect(ls, project.id, service, {"dataset": "ds1"})
-    wait_for(lambda: any(w.url == f"{service.url}/webhook" for w in ls.webhooks.list(project=project.id)), 15,
+    wait_for(lambda: webhook_registered(ls, project.id, service), 15,
              what="the webhook registered")
     standin.faults = [("503",)] * 3  # Dataloop answers slowly at first: the job is under way when killed
     result = ls.projects.import_tasks(project.id, request=[{"video": f"/data/local-files/?d=v{sample_item(i)['filename']}",

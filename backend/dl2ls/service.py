@@ -60,6 +60,7 @@ CATCH_UP = 2000  # tasks without predictions pre-annotated per sync
 CHUNK_TASKS = 400  # tasks read, resolved and converted together while the previous chunk is written
 FIRST_CHUNK = 50
 AHEAD = 2  # chunks prepared at once
+WRITE_BATCH = 500  # predictions in the first bulk write (then up to push.BATCH_TASKS)
 PRIORITY = {"connect": 0, "preannotate": 1, "sync": 2}
 MATCH_MODES = ("filename", "item-id")
 
@@ -828,7 +829,8 @@ class Service:
             late.extend(c for c in result.landed if c.data_late)
 
         requests_before = client.counters.requests
-        push.apply(conn.pusher, project_id, changes(), on_batch=landed)
+        # few large writes: Label Studio's cost per prediction import grows with the project
+        push.apply(conn.pusher, project_id, changes(), on_batch=landed, first_batch=WRITE_BATCH)
         failed.extend(push.complete_late(conn.pusher, late))  # fps, once every prediction is in
         counts["requests"] = client.counters.requests - requests_before
         if not counts["tasks"]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Iterator
 from urllib.parse import urlsplit
 
+import orjson
 import requests
 
 from dl2ls.dataloop.read import DEFAULT_LIMITS, FileChanged, PreadBuffer, ReadLimits, split_array
@@ -47,6 +48,15 @@ DOWNLOAD_CHUNK = 1 << 20
 
 # failures of the transport worth another attempt: the network, the server's end of it, a body cut off
 RETRIED = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def _parse(body: bytes) -> Any:
+    """JSON, by orjson (pages of annotations are megabytes); what orjson refuses that the
+    standard library reads (integers past 64 bits, NaN) by json."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
 
 
 class DataloopError(Exception):
@@ -245,7 +255,7 @@ class DataloopClient:
         response = self._send(method, f"{self.base}{path}", json_body=json_body, route=route or path)
         self._check(response, what or f"{method} {path}")
         try:
-            return response.json()
+            return _parse(response.content)
         except (ValueError, RecursionError):  # not JSON, or nested deeper than can be read
             raise DataloopError(f"{what or path}: Dataloop answered {response.status_code} with no readable "
                                 f"JSON ({response.text[:80]!r})") from None
