@@ -661,3 +661,71 @@ def test_standin_annotation_query_rows_carry_item_dataset_and_time(standin):
     rows = r.json()["items"]
     assert [(a["id"], a["itemId"], a["datasetId"], bool(a["updatedAt"])) for a in rows] == \
         [("a1", "item1", "ds1", True)]
+
+
+# ----------------------------------------------------------------------------- rules found in review
+
+
+def test_state_files_are_private_from_the_start(tmp_path):
+    db = ServiceDB(tmp_path / "svc.sqlite3")
+    db.enqueue("sync", 1)  # writes through the WAL
+    for name in ("svc.sqlite3", "svc.sqlite3-wal", "svc.sqlite3-shm"):
+        path = tmp_path / name
+        if path.exists():
+            assert path.stat().st_mode & 0o777 == 0o600, name
+
+
+def test_a_failed_job_hands_its_work_to_its_queued_twin(db):
+    db.enqueue("preannotate", 1, {"task_ids": [1, 2, 3]})
+    running = db.claim("h:1", always)
+    db.enqueue("preannotate", 1, {"task_ids": [4]})
+    assert db.finish(running, "h:1", "Label Studio answered 502") == "superseded"
+    [(payload,)] = db.connect().execute("SELECT payload FROM jobs WHERE state = 'queued'").fetchall()
+    assert json.loads(payload)["task_ids"] == [1, 2, 3, 4]
+
+
+def test_jobs_only_for_projects_that_connected(service_app):
+    client, svc = service_app
+    r = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 8}, "tasks": [{"id": 1}]})
+    assert r.status_code == 200 and r.json["status"] == "ignored"
+    assert client.post("/train", json={"project": "8.1700000000"}).status_code == 404
+    assert queued(svc) == []
+
+
+def test_the_webhook_token_stands_in_for_basic_auth_on_webhook_only(tmp_path, monkeypatch):
+    for key in ("DL2LS_SOURCE", "DL2LS_DATASET"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DL2LS_NO_RUNNER", "1")
+    monkeypatch.setenv("DATALOOP_API_KEY", "x")
+    monkeypatch.setenv("BASIC_AUTH_USER", "ls")
+    monkeypatch.setenv("BASIC_AUTH_PASS", "pw")
+    app = server.create_app(model_dir=str(tmp_path))
+    client, svc = app.test_client(), app.extensions["dl2ls.service"]
+    body = {"action": "START_TRAINING", "project": {"id": 3}}
+    token = svc.db.hook_token
+    assert client.post("/webhook", json=body).status_code == 401
+    assert client.post("/webhook?token=wrong", json=body).status_code == 401
+    assert client.post(f"/webhook?token={token}", json=body).status_code in (201, 404)  # authorised
+    assert client.post(f"/setup?token={token}", json={"project": "3.1"}).status_code == 401
+
+
+def test_predict_leaves_tasks_a_queued_job_will_write_to_it(service_app):
+    client, svc = service_app
+    setup_project(client)
+    client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 3},
+                                  "tasks": [{"id": 7, "data": {"video": "/x/clip.mp4"}}]})
+    r = client.post("/predict", json={"project": "3.1700000000", "label_config": CONFIG,
+                                      "tasks": [{"id": 7, "data": {"video": "/x/clip.mp4"}}]})
+    assert r.status_code == 200 and r.json["results"] == [[]]
+
+
+def test_catch_up_skips_tasks_no_item_fitted_lately(tmp_path):
+    from dl2ls.sync import State
+
+    state = State(tmp_path / "p.sqlite3")
+    try:
+        state.without_item([1, 2], now=time.time() - 10)
+        state.without_item([3], now=time.time() - 2 * 86400)
+        assert state.tried_lately([1, 2, 3, 4], 86400) == {1, 2}
+    finally:
+        state.close()

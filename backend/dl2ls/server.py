@@ -527,7 +527,10 @@ def _service_routes(app: Flask, service, version: str, body, hook_secret: str | 
                 problems = got.converted.report.problems if got.converted else []
                 log.warning("%s: no prediction: %s", name, problems[-1].line() if problems else "not converted")
             else:
-                predictions = got.converted.task["predictions"] or [dict(empty)]
+                # versions the task already holds are not sent again: Label Studio would store a copy
+                held = {p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, dict)}
+                predictions = [p for p in got.converted.task["predictions"] or [dict(empty)]
+                               if p["model_version"] not in held]
                 results[position] = predictions[0] if len(predictions) == 1 else predictions
         for position, task in enumerate(tasks):
             if not (isinstance(task, dict) and isinstance(task.get("data"), dict)):

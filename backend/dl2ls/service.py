@@ -57,6 +57,7 @@ JOB_ATTEMPTS = 5
 RETRY_FIRST, RETRY_MAX = 15.0, 30 * 60.0
 POLL = 0.5  # how often an idle runner looks for jobs other workers added
 CATCH_UP = 2000  # tasks without predictions pre-annotated per sync
+RETRY_WITHOUT_ITEM = 24 * 3600.0  # a task no item fitted is looked for again by the catch-up after this
 CHUNK_TASKS = 400  # tasks read, resolved and converted together while the previous chunk is written
 FIRST_CHUNK = 50
 AHEAD = 2  # chunks prepared at once
@@ -813,6 +814,7 @@ class Service:
                         report.warn(f"task {task.id}", got.retry)
                     elif got.item is None:
                         counts["no item"] += 1
+                        without.append(task.id)
                     elif got.converted is not None and got.converted.task is not None:
                         converted[got.item_id] = (got.item, got.converted)
                 counts["items"] += len(converted)
@@ -822,6 +824,7 @@ class Service:
                 yield from planned
 
         late: list[push.Change] = []
+        without: list[int] = []
 
         def landed(result: push.BatchResult) -> None:
             state.keep_records(result.landed)
@@ -832,6 +835,7 @@ class Service:
         # few large writes: Label Studio's cost per prediction import grows with the project
         push.apply(conn.pusher, project_id, changes(), on_batch=landed, first_batch=WRITE_BATCH)
         failed.extend(push.complete_late(conn.pusher, late))  # fps, once every prediction is in
+        state.without_item(without)
         counts["requests"] = client.counters.requests - requests_before
         if not counts["tasks"]:
             return "no tasks"
@@ -870,12 +874,23 @@ class Service:
             self.db.add_counts(project_id, predictions_written=written, syncs=1)
             # tasks Label Studio never told us about (a webhook it did not deliver, a restart), and
             # tasks still without the fps the config reads (a run stopped before it was written)
-            waiting = []
+            waiting: list[push.ExistingTask] = []
+            page: list[push.ExistingTask] = []
             lacking = planner_options(config)["complete"]
+
+            def untried(tasks: list[push.ExistingTask]) -> list[push.ExistingTask]:
+                lately = state.tried_lately([t.id for t in tasks], RETRY_WITHOUT_ITEM)
+                return [t for t in tasks if t.id not in lately]
+
+            # newest first; tasks no item fitted lately wait a day, so the others are reached
             for task in conn.pusher.existing_tasks(project_id, without_predictions=True, lacking=lacking):
-                waiting.append(task)
-                if len(waiting) >= CATCH_UP:
-                    break
+                page.append(task)
+                if len(page) >= 500:
+                    waiting += untried(page)
+                    page = []
+                    if len(waiting) >= CATCH_UP:
+                        break
+            waiting = (waiting + untried(page))[:CATCH_UP]
             line = summary.line()
             if waiting:
                 line += "; catch-up: " + self._preannotate(project_id, params, conn, project, config, state, [],

@@ -147,6 +147,7 @@ class State:
                     content_hash TEXT, versions TEXT, failures INTEGER DEFAULT 0, retry_at REAL DEFAULT 0,
                     last_error TEXT, PRIMARY KEY (scope, item_id));
                 CREATE TABLE IF NOT EXISTS task_record (task_id INTEGER PRIMARY KEY, item TEXT, record TEXT);
+                CREATE TABLE IF NOT EXISTS task_without_item (task_id INTEGER PRIMARY KEY, tried_at REAL);
             """)
             old = self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'items'").fetchone()
             if old:  # a state written before scopes: its rows become the legacy scope ''
@@ -243,6 +244,23 @@ class State:
         rows = [(c.task_id, c.item, "{}") for c in changes if c.task_id is not None]
         with self.lock, self.db:
             self.db.executemany("INSERT OR IGNORE INTO task_record VALUES (?, ?, ?)", rows)
+
+    def without_item(self, task_ids: Iterable[int], now: float | None = None) -> None:
+        """Tasks no Dataloop item fits (yet): the catch-up leaves them alone for a while."""
+        with self.lock, self.db:
+            self.db.executemany("INSERT OR REPLACE INTO task_without_item VALUES (?, ?)",
+                                [(t, now or time.time()) for t in task_ids])
+
+    def tried_lately(self, task_ids: Iterable[int], within: float) -> set[int]:
+        wanted = list(task_ids)
+        out: set[int] = set()
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            with self.lock:
+                out.update(t for (t,) in self.db.execute(
+                    f"SELECT task_id FROM task_without_item WHERE tried_at > ? AND task_id IN "
+                    f"({','.join('?' * len(chunk))})", [time.time() - within, *chunk]))
+        return out
 
     def keep_records(self, changes: Iterable[push.Change]) -> None:
         """What landed on each task, for `with_records` (a deleted task's record goes)."""

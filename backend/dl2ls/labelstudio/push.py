@@ -498,6 +498,7 @@ class Pusher:
             items += [{"filter": f"filter:tasks:data.{key}", "operator": "empty", "type": "Unknown", "value": True}
                       for key in lacking]
             query["filters"] = {"conjunction": "or", "items": items}
+            query["ordering"] = ["-tasks:id"]  # newest first: those a lost webhook left behind
         extra = {"query": orjson.dumps(query).decode()} if query else {}
         page, seen = 1, 0
         while True:
