@@ -15,6 +15,7 @@ import requests
 
 from conftest import assert_frame_exact
 from dataloop_standin import DataloopStandIn
+from dl2ls.service import ServiceDB
 from service_harness import CONFIG, ServiceProcess, connect, wait_for, webhook_registered
 from test_dataloop_api import sample_item
 
@@ -106,7 +107,7 @@ def test_imported_tasks_get_frame_exact_predictions_and_follow_dataloop(ls_env, 
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"\x1aE\xdf\xa3 not really a video")
 
-    service = services(workers=2)
+    service = services(workers=2, LOG_LEVEL="DEBUG")  # and no secret in the log, even so
     project = ls.projects.create(title="service e2e", label_config=CONFIG)
     backend = connect(ls, project.id, service, {"dataset": "ds1"})
     wait_for(lambda: webhook_registered(ls, project.id, service), 15,
@@ -172,7 +173,10 @@ def test_imported_tasks_get_frame_exact_predictions_and_follow_dataloop(ls_env, 
 
     final = predictions_by_task(ls, project.id)
     assert sorted(len(v) for v in final.values()) == [1] * 5
-    assert SECRET not in service.log()
+    log = service.log()
+    hook_token = ServiceDB(service.model_dir / "dl2ls-service.sqlite3").hook_token
+    for secret in (SECRET, label_studio[1], standin.api_key, hook_token):
+        assert secret not in log
     health = service.health()
     assert health["projects"][str(project.id)]["label_studio"].startswith("ok")
     metrics = requests.get(f"{service.url}/metrics", timeout=5).text

@@ -833,7 +833,11 @@ class Service:
 
         requests_before = client.counters.requests
         # few large writes: Label Studio's cost per prediction import grows with the project
-        push.apply(conn.pusher, project_id, changes(), on_batch=landed, first_batch=WRITE_BATCH)
+        planned = changes()
+        try:
+            push.apply(conn.pusher, project_id, planned, on_batch=landed, first_batch=WRITE_BATCH)
+        finally:
+            planned.close()  # a failed write: the chunks being prepared finish before the state closes
         failed.extend(push.complete_late(conn.pusher, late))  # fps, once every prediction is in
         state.without_item(without)
         counts["requests"] = client.counters.requests - requests_before
