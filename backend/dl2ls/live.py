@@ -29,7 +29,7 @@ from dl2ls.dataloop.model import MediaDefaults, decode_item
 from dl2ls.dataloop.read import Entry
 from dl2ls.labelstudio.identity import Indexed, Located, find_item, media_parts
 from dl2ls.labelstudio.tasks import ConvertOptions
-from dl2ls.report import InputError, Report, describe, escape
+from dl2ls.report import InputError, Report, describe
 
 log = logging.getLogger("dl2ls.live")
 
@@ -242,10 +242,3 @@ def _annotations(client: DataloopClient, scope: Scope, item_ids: list[str],
         for got in pool.map(one, _chunks(item_ids)):
             out.update(got)
     return out
-
-
-def describe_task(position: int, task) -> str:
-    task_id = task.get("id") if isinstance(task, dict) else None
-    if isinstance(task_id, (int, str)) and not isinstance(task_id, bool):
-        return escape(f"task {task_id}"[:120])
-    return f"task #{position + 1} of the request"

@@ -518,7 +518,7 @@ def _service_routes(app: Flask, service, version: str, body, hook_secret: str | 
                                params.data_keys(config), params.options(config), service.defaults,
                                service.cache, deadline=time.monotonic() + PREDICT_SECONDS)
         for (position, task), got in zip(good, fetched.tasks):
-            name = live.describe_task(position, task)
+            name = task_name(position, task)
             if got.retry:
                 log.warning("%s: no prediction: %s", name, escape(got.retry))
             elif got.item is None:
@@ -534,7 +534,7 @@ def _service_routes(app: Flask, service, version: str, body, hook_secret: str | 
                 results[position] = predictions[0] if len(predictions) == 1 else predictions
         for position, task in enumerate(tasks):
             if not (isinstance(task, dict) and isinstance(task.get("data"), dict)):
-                log.warning("%s: its `data` is not an object", live.describe_task(position, task))
+                log.warning("%s: its `data` is not an object", task_name(position, task))
         answered = [tasks[i]["id"] for i, r in enumerate(results) if r != [] and isinstance(tasks[i].get("id"), int)]
         if project_id is not None:
             service.db.mark_answered(project_id, answered)

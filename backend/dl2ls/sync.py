@@ -216,27 +216,24 @@ class State:
                 batch = []
         yield from flush()
 
-    def tasks_of(self, items: Iterable[str]) -> dict[str, int]:
-        """item -> the task dl2ls recorded writing it on (see `keep_records`)."""
-        wanted = list(items)
-        out: dict[str, int] = {}
+    def _rows_in(self, sql: str, values: Iterable, *params) -> list[tuple]:
+        """`sql` ending in `IN`, run over `values` a few hundred at a time (SQLite's limit on
+        parameters), under the lock: other threads share this connection."""
+        wanted, rows = list(values), []
         for i in range(0, len(wanted), 500):
             chunk = wanted[i:i + 500]
             with self.lock:
-                out.update({item: task for task, item in self.db.execute(
-                    f"SELECT task_id, item FROM task_record WHERE item IN ({','.join('?' * len(chunk))})", chunk)})
-        return out
+                rows += self.db.execute(f"{sql} ({','.join('?' * len(chunk))})", [*params, *chunk]).fetchall()
+        return rows
+
+    def tasks_of(self, items: Iterable[str]) -> dict[str, int]:
+        """item -> the task dl2ls recorded writing it on (see `keep_records`)."""
+        return {item: task for task, item in self._rows_in("SELECT task_id, item FROM task_record WHERE item IN",
+                                                          items)}
 
     def written_to(self, task_ids: Iterable[int]) -> set[int]:
         """Those of these tasks dl2ls wrote on, or was about to (see `intend`)."""
-        wanted = list(task_ids)
-        out: set[int] = set()
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i:i + 500]
-            with self.lock:
-                out.update(t for (t,) in self.db.execute(
-                    f"SELECT task_id FROM task_record WHERE task_id IN ({','.join('?' * len(chunk))})", chunk))
-        return out
+        return {t for (t,) in self._rows_in("SELECT task_id FROM task_record WHERE task_id IN", task_ids)}
 
     def intend(self, changes: Iterable[push.Change]) -> None:
         """Before writing on tasks: a mark that something may land there, so that a run killed
@@ -252,15 +249,8 @@ class State:
                                 [(t, now or time.time()) for t in task_ids])
 
     def tried_lately(self, task_ids: Iterable[int], within: float) -> set[int]:
-        wanted = list(task_ids)
-        out: set[int] = set()
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i:i + 500]
-            with self.lock:
-                out.update(t for (t,) in self.db.execute(
-                    f"SELECT task_id FROM task_without_item WHERE tried_at > ? AND task_id IN "
-                    f"({','.join('?' * len(chunk))})", [time.time() - within, *chunk]))
-        return out
+        return {t for (t,) in self._rows_in("SELECT task_id FROM task_without_item WHERE tried_at > ? AND task_id IN",
+                                            task_ids, time.time() - within)}
 
     def keep_records(self, changes: Iterable[push.Change]) -> None:
         """What landed on each task, for `with_records` (a deleted task's record goes)."""

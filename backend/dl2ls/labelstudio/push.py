@@ -683,7 +683,7 @@ class BatchResult:
 
 
 def apply(pusher: Pusher, project_id: int, changes: Iterable[Change | None], dry_run: bool = False,
-          on_batch: Callable[[BatchResult], None] | None = None, first_batch: int = FIRST_BATCH) -> None:
+          on_batch: Callable[[BatchResult], None] | None = None, first_batch: int | None = None) -> None:
     """Carry out the changes in bulk batches, one batch written by a background thread while the
     next is converted (one request at a time, in order). Batches start small and double, so the
     server starts early and never waits for the converter. Within a batch, a task's versions are
@@ -706,7 +706,7 @@ def apply(pusher: Pusher, project_id: int, changes: Iterable[Change | None], dry
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dl2ls-push") as writer:
         in_flight = None
         batch: list[Change] = []
-        used, limit = 0, min(first_batch, BATCH_TASKS)
+        used, limit = 0, min(first_batch or FIRST_BATCH, BATCH_TASKS)
 
         def submit():
             nonlocal in_flight
