@@ -27,6 +27,7 @@ from dl2ls.labelstudio.evaluate import Mismatch, Verdict, compare_item
 from dl2ls.labelstudio.identity import TasksByItem
 from dl2ls.labelstudio.mappers import family_of
 from dl2ls.labelstudio.tasks import ConvertOptions, to_task
+from dl2ls.media import signature
 from dl2ls.report import InputError, Report, describe
 from dl2ls.tracks import ItemInfo, item_tracks
 
@@ -119,7 +120,9 @@ def entries(sources: list[str], what: str, limits: ReadLimits | None = None) -> 
 def settings_fingerprint(options: ConvertOptions, defaults: MediaDefaults) -> str:
     """Everything besides an item that decides what it converts to: the labeling config, the
     options, the media defaults, and dl2ls's own version (a release may convert differently)."""
-    parts = [__version__, options.config.xml, options.model_version, options.media_url or "",
+    proxy = options.media_proxy
+    parts = [__version__, options.config.xml, options.model_version,
+             options.media_url or (f"{proxy.public_url}|{signature('', proxy.secret)}" if proxy else ""),
              repr(options.tolerance_px), json.dumps(options.label_map, sort_keys=True),
              repr((defaults.fps, defaults.width, defaults.height))]
     return hashlib.sha1("\x00".join(parts).encode()).hexdigest()

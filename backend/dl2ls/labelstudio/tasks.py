@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from dl2ls.labelstudio.config import LabelConfig, default_config
 from dl2ls.labelstudio.mappers import Context, convert_track
+from dl2ls.media import MediaProxy
 from dl2ls.report import InputError, Report, describe
 from dl2ls.tracks import ItemInfo, ItemTracks
 
@@ -25,6 +26,7 @@ class ConvertOptions:
     tolerance_px: float = 0.0
     model_version: str = DEFAULT_MODEL_VERSION
     media_url: str | None = None
+    media_proxy: MediaProxy | None = None  # without media_url: tasks point at the backend's /media
 
 
 def check_template(template: str, fields: tuple[str, ...], option: str) -> None:
@@ -42,11 +44,15 @@ def check_template(template: str, fields: tuple[str, ...], option: str) -> None:
         raise ValueError(f"{option}: {template!r}: {err}") from None
 
 
-def media_url(info: ItemInfo, template: str | None) -> str:
+def media_url(info: ItemInfo, template: str | None, proxy: MediaProxy | None = None) -> str:
+    """The task's media: the user's template, else the backend's signed /media URL of the item,
+    else the item's Dataloop stream URL (which a browser without a Dataloop token cannot load)."""
     if template:
         values = {"id": info.item_id, "name": info.name, "filename": info.filename, "dir": info.dir,
                   "dataset_id": info.dataset_id, "stream": info.stream}
         return template.format(**{k: ("" if v is None else v) for k, v in values.items()})
+    if proxy is not None and info.item_id:
+        return proxy.url(info.item_id)
     return info.stream or info.filename or info.name or info.origin
 
 
@@ -110,7 +116,7 @@ def to_task(item: ItemTracks, opts: ConvertOptions) -> tuple[dict, Report]:
         report.keyframes["stored"] += item.stored_frames
     report.items_converted += 1
 
-    data = {obj.data_key: media_url(info, opts.media_url), "dataloop_item_id": info.item_id,
+    data = {obj.data_key: media_url(info, opts.media_url, opts.media_proxy), "dataloop_item_id": info.item_id,
             "dataloop_dataset_id": info.dataset_id, "dataloop_filename": info.filename}
     if info.media.kind == "video":
         data["fps"] = info.media.fps
