@@ -53,6 +53,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_push.py
 	$(BIN)/python bench/bench_sync.py
 	$(BIN)/python bench/bench_service.py
+	$(BIN)/python bench/bench_media.py
 
 clean:
 	rm -rf $(OUT) bench/data .pytest_cache .demo test-artifacts

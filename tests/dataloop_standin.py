@@ -15,6 +15,13 @@ page size (at most `page_cap` items per page whatever `pageSize` asks, with `has
 `totalPagesCount` true to it), or answers without those fields; items keyed by `_id` alone; an
 export download given verbatim (`export_body`: broken elements, truncation).
 
+It serves media too: `media[item_id]` (bytes, or a Path) is what GET /items/{id}/stream answers
+for that item, with HTTP range requests (206, Content-Range, Accept-Ranges; If-Range, ETag,
+Last-Modified, 304) as a storage server does; `media_types[item_id]` overrides its Content-Type
+("" leaves the header out). `break_stream_after = N` breaks the connection after N bytes of each
+media body (until set back to None); `media_rate` paces media bodies at that many bytes per second,
+as a network link would. Export outputs stream as before.
+
 It also sends webhooks as a Dataloop trigger with a webhook target does (`hooks`, `add_hook`;
 `edit_annotations`, `delete_item`, `put_item(..., notify=True)`): one POST per changed resource,
 from a background thread. Dataloop does not document the outbound body; posting the resource
@@ -28,16 +35,24 @@ import copy
 import json
 import queue
 import threading
+import mimetypes
+import socket
 import time
 import urllib.error
 import urllib.request
 from collections import ChainMap, Counter
 from collections.abc import Mapping
+from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import orjson
 from flask import Flask, jsonify, request
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.wrappers import Response
+from werkzeug.wsgi import FileWrapper
+
+MEDIA_CHUNK = 256 << 10  # what the stand-in reads and writes at a time when it serves media
 
 
 def make_jwt(exp: float, sub: str = "tester@example.com") -> str:
@@ -60,6 +75,11 @@ class DataloopStandIn:
         self.page_cap: int | None = None  # the most items a query page holds, whatever pageSize asks
         self.omit_page_fields: set[str] = set()  # e.g. {"hasNextPage"}: left out of query answers
         self.export_body: bytes | None = None  # when set, what every export download returns, verbatim
+        self.media: dict[str, bytes | Path] = {}  # item id -> its binary, for GET /items/{id}/stream
+        self.media_types: dict[str, str] = {}  # item id -> its Content-Type ("": none sent)
+        self.break_stream_after: int | None = None  # a media body's connection breaks after this many bytes
+        self.media_rate: float | None = None  # bytes per second a media body is sent at (None: at once)
+        self.started = time.time()
         self.lock = threading.Lock()
         self.app = self._build()
         self.server = None
@@ -193,7 +213,7 @@ class DataloopStandIn:
         import logging
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True, request_handler=_Handler)
         # a short poll: stop() returns at once rather than after half a second
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
@@ -334,6 +354,8 @@ class DataloopStandIn:
 
         @app.get("/api/v1/items/<item_id>/stream")
         def stream(item_id):
+            if item_id in standin.media:
+                return standin._media_response(item_id)
             cmd = next((c for c in standin.commands.values() if c["spec"]["outputItemId"] == item_id), None)
             if cmd is None:
                 return jsonify(message="not found"), 404
@@ -342,11 +364,102 @@ class DataloopStandIn:
 
         return app
 
+    def _media_response(self, item_id: str) -> Response:
+        """The item's binary as a storage server sends it: ranges, validators, 304 and 416
+        (werkzeug's `make_conditional`, as `send_file(..., conditional=True)` uses), read
+        MEDIA_CHUNK bytes at a time; cut off after `break_stream_after` bytes when that is set."""
+        data = self.media[item_id]
+        if isinstance(data, (str, Path)):
+            path = Path(data)
+            size, mtime = path.stat().st_size, path.stat().st_mtime
+            file = open(path, "rb")  # noqa: SIM115 - closed with the response
+        else:
+            size, mtime, file = len(data), self.started, BytesIO(data)
+        found = self._find(item_id) or {}
+        kind = self.media_types.get(item_id)
+        if kind is None:
+            kind = ((found.get("metadata") or {}).get("system") or {}).get("mimetype") or \
+                mimetypes.guess_type(found.get("name") or found.get("filename") or "")[0] or "application/octet-stream"
+        response = Response(FileWrapper(file, MEDIA_CHUNK), direct_passthrough=True)
+        response.content_length = size
+        response.last_modified = int(mtime)
+        response.set_etag(f"{item_id}-{size}-{int(mtime)}")
+        response.make_conditional(request.environ, accept_ranges=True, complete_length=size)
+        if kind:
+            response.headers["Content-Type"] = kind
+        else:
+            response.headers.pop("Content-Type", None)
+        if response.status_code in (200, 206):
+            if self.media_rate:
+                response.response = _paced(response.response, self.media_rate)
+            cut = self.break_stream_after
+            if cut is not None:
+                response.response = _cut_after(response.response, cut, request.environ.get("werkzeug.socket"))
+        return response
+
     def _find(self, item_id: str) -> dict | None:
         for items in self.datasets.values():
             if item_id in items:
                 return items[item_id]
         return None
+
+
+def _cut_after(body, limit: int, sock):
+    """`body`, until `limit` bytes have gone: then the connection's sending side is shut (the
+    client sees the body end short of its Content-Length, as when a storage server goes away)."""
+    sent = 0
+    try:
+        for chunk in body:
+            if sent + len(chunk) >= limit:
+                yield chunk[: limit - sent]
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                return
+            sent += len(chunk)
+            yield chunk
+    finally:
+        if hasattr(body, "close"):
+            body.close()
+
+
+class _SmallDrain:
+    """The connection's reader, passed through, except that werkzeug's drain after a response
+    (`rfile.read(10_000_000)` whenever the socket is readable, e.g. at the client's close) reads a
+    little at a time: else each such answer allocates 10 MB in this process, which tests that
+    measure their own memory with the stand-in in the same process would count."""
+
+    def __init__(self, rfile):
+        self._rfile = rfile
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._rfile.read(65536 if size == 10_000_000 else size)
+
+    def __getattr__(self, name):
+        return getattr(self._rfile, name)
+
+
+class _Handler(WSGIRequestHandler):
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _SmallDrain(self.rfile)
+
+
+def _paced(body, rate: float):
+    """`body`, no faster than `rate` bytes per second (a network link's speed)."""
+    started, sent = time.monotonic(), 0
+    try:
+        for chunk in body:
+            yield chunk
+            sent += len(chunk)
+            ahead = started + sent / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+    finally:
+        if hasattr(body, "close"):
+            body.close()
 
 
 def _item_json(item: dict) -> dict:

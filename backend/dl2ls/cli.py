@@ -239,7 +239,11 @@ def cmd_push(args) -> int:
     options = _convert_options(args)
     defaults = _defaults(args)
     limits = _limits(args)
+    local = _local_media(args, options)
+    gateway = _media_policy(args, options)
     pusher = push.Pusher(os.environ.get("LABEL_STUDIO_URL", ""), os.environ.get("LABEL_STUDIO_API_KEY", ""))
+    if gateway:
+        print(f"dl2ls push: warning: {gateway}", file=sys.stderr)
     project_id, existing, current_version = None, [], None
     if args.new_project:
         try:
@@ -288,6 +292,11 @@ def cmd_push(args) -> int:
                     existing = listing.result()
         log.info("project %d: %d tasks", project_id, len(existing))
     options.config = config
+    if project_id is not None:
+        if local is not None:
+            local.storage(pusher, project_id, args.create_storage, args.dry_run)
+        if args.media_url:
+            _check_media_storage(pusher, project_id, args.media_url, "push")
     stats, report = push.Stats(), Report()
     planner = push.Planner(existing, config.objects[0].data_key, args.match,
                            warn=lambda line: report.warn("push", line))
@@ -320,6 +329,8 @@ def cmd_push(args) -> int:
                            convert_sources(args.sources, options, defaults, report, args.kind, limits, "push",
                                            skip=unchanged))
         for converted in converted_items:
+            if local is not None:
+                local.point(converted, options.config)
             yield planner.plan(converted.task, converted.body, stats, source=source_of(converted.digest, fingerprint))
 
     try:
@@ -330,6 +341,8 @@ def cmd_push(args) -> int:
     if version and not args.dry_run:
         pusher.set_model_version(project_id, version)
         log.info("project %d model_version = %s", project_id, escape(version))
+    if local is not None:
+        local.finish()
     _print_report(report, args)
     print(("dry run, nothing written: would have " if args.dry_run else "") + stats.summary(), file=sys.stderr)
     if args.report:
@@ -338,6 +351,182 @@ def cmd_push(args) -> int:
     if report.items_converted == 0 and report.items_failed:
         return EXIT_USAGE
     return EXIT_FAILED if report.failed else EXIT_OK
+
+
+# ----------------------------------------------------------------------------- where tasks' media points
+
+LOCAL_FILES = "/data/local-files/?d="
+MISSING_LINES = 10  # push --media-root: items without a file named one by one, then counted
+DOCUMENT_ROOT_ENV = ("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "LOCAL_FILES_DOCUMENT_ROOT")  # Label Studio's order
+# --media-url schemes that a Label Studio cloud import storage resolves (to presigned URLs): the
+# SDK's storage kind, the field holding its bucket, and its name in Label Studio's settings
+CLOUD_SCHEMES = {"s3": ("s3", "bucket", "Amazon S3"), "gs": ("gcs", "bucket", "Google Cloud Storage"),
+                 "azure-blob": ("azure", "container", "Azure Blob Storage")}
+
+
+def _media_policy(args, options: ConvertOptions) -> str | None:
+    """Where the media of the tasks push and sync create points: --media-url's template, else
+    (push) --media-root's local files, else the backend's signed /media URLs when DL2LS_PUBLIC_URL
+    and DL2LS_MEDIA_SECRET are both set, else Dataloop's stream URL, which a browser cannot load:
+    then the warning to print once per run (an existing task's media is never changed)."""
+    if args.media_url or getattr(args, "media_root", None):
+        return None
+    from urllib.parse import urlsplit
+
+    from dl2ls.media import MediaProxy
+
+    public = os.environ.get("DL2LS_PUBLIC_URL", "").strip()
+    secret = os.environ.get("DL2LS_MEDIA_SECRET", "")
+    if public and secret:
+        try:
+            parts = urlsplit(public)
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError("DL2LS_PUBLIC_URL must be the dl2ls backend's http(s) URL as browsers reach it "
+                             "(e.g. https://dl2ls.example.com)")
+        if parts.username or parts.password:
+            raise UsageError("DL2LS_PUBLIC_URL must not carry user:password@: it goes into every task's media URL")
+        options.media_proxy = MediaProxy(public, secret)
+        return None
+    half = (" (DL2LS_PUBLIC_URL is set, DL2LS_MEDIA_SECRET is not)" if public else
+            " (DL2LS_MEDIA_SECRET is set, DL2LS_PUBLIC_URL is not)" if secret else "")
+    return ("new tasks will point at Dataloop's stream URL (.../items/<id>/stream), which Label "
+            f"Studio's editor cannot load: the browser has no Dataloop token{half}. Fix: set DL2LS_PUBLIC_URL and "
+            "DL2LS_MEDIA_SECRET (the dl2ls backend streams it through signed /media URLs), or `dl2ls fetch --media` "
+            "then `dl2ls push --media-root DIR` (Label Studio's local files), or --media-url TEMPLATE for a bucket "
+            "the project has as cloud storage")
+
+
+def _check_media_storage(pusher, project_id: int, template: str, command: str) -> None:
+    """--media-url s3://, gs://, azure-blob://: Label Studio resolves such URIs only through an
+    import storage of that kind (and bucket) in the project. One warning line when the project has
+    none (not an error: it may be added later); a few list requests, once per run."""
+    from dl2ls.labelstudio.push import PushError
+
+    match = re.match(r"([a-z][a-z0-9+.-]*)://([^/]*)", template)
+    if not match or match.group(1) not in CLOUD_SCHEMES:
+        return
+    scheme = match.group(1)
+    kind, field, label = CLOUD_SCHEMES[scheme]
+    # the bucket the URIs name, when the template fixes it (rendered twice: a bucket from a field varies;
+    # {filename} and {dir} start with "/", as Dataloop's do)
+    buckets = {re.match(r"[^:]*://([^/]*)", template.format(id=v, name=v, filename="/" + v, dir="/" + v,
+                                                               dataset_id=v, stream=v)).group(1) for v in ("a", "b")}
+    fixed = buckets.pop() if len(buckets) == 1 else None
+    try:
+        storages = pusher.import_storages(project_id, kind)
+    except PushError as err:
+        print(escape(f"dl2ls {command}: warning: cannot check project {project_id}'s {label} storages: {err}"),
+              file=sys.stderr)
+        return
+    if storages and (fixed is None or fixed in {getattr(s, field, None) for s in storages}):
+        return
+    which = f"{label} import storage" + (f" for {field} {fixed!r}" if fixed else "")
+    print(escape(f"dl2ls {command}: warning: --media-url gives {scheme}:// URIs, and project {project_id} has no "
+                 f"{which}: Label Studio resolves them (to presigned URLs) only through one, so the editor "
+                 "cannot load the media until it is added (project Settings > Cloud Storage > Add Source Storage; "
+                 "it need not be synced)"), file=sys.stderr)
+
+
+class _LocalMedia:
+    """push --media-root: tasks point at Label Studio's local files, /data/local-files/?d=<the
+    item's file relative to LOCAL_FILES_DOCUMENT_ROOT>, under the items/ folder fetch --media wrote."""
+
+    def __init__(self, folder: Path, document_root: Path):
+        self.folder, self.document_root = folder, document_root
+        self.missing = 0
+
+    def url(self, path: Path) -> str:
+        from urllib.parse import quote
+
+        return LOCAL_FILES + quote(path.relative_to(self.document_root).as_posix())  # as Label Studio quotes
+
+    def template(self) -> str:
+        """A --media-url equivalent for the settings fingerprint (each task's URL is then set exactly)."""
+        return self.url(self.folder).replace("{", "{{").replace("}", "}}") + "{filename}"
+
+    def point(self, converted, config) -> None:
+        """Set a converted task's media to its item's file; one line when the file is not there
+        (the task is created all the same: the URL is right once fetch --media brings the file)."""
+        from dl2ls.dataloop import write
+
+        info, task = converted.info, converted.task
+        obj = config.object_for(info.media.kind)
+        if obj is None or not (info.item_id or info.filename or info.name):
+            return
+        path = write.media_path(self.folder, info.dir, info.filename, info.name, info.item_id or "item")
+        task["data"][obj.data_key] = self.url(path)
+        converted.body = orjson.dumps(task)
+        if not path.is_file():
+            self.missing += 1
+            if self.missing <= MISSING_LINES:
+                print(escape(f"dl2ls push: warning: item {info.item_id or info.origin} has no file at {path}: "
+                             "its task points there all the same (`dl2ls fetch --media` brings it)"), file=sys.stderr)
+
+    def finish(self) -> None:
+        if self.missing > MISSING_LINES:
+            print(f"dl2ls push: warning: {self.missing} items in all have no file under {escape(self.folder)}",
+                  file=sys.stderr)
+
+    def storage(self, pusher, project_id: int, create: bool, dry_run: bool) -> None:
+        """Label Studio serves /data/local-files/ only under a local files storage of the project:
+        with --create-storage, make one at the folder unless the project has one at it or above
+        (recursive scan, blob URLs, never synced: push makes the tasks, a sync would duplicate
+        them); without, one warning line when the project has none."""
+        storages = pusher.import_storages(project_id, "local")
+        for s in storages:
+            there = Path(os.path.normpath(s.path)) if isinstance(getattr(s, "path", None), str) else None
+            if there is not None and (there == self.folder or there in self.folder.parents):
+                log.info("project %d's local files storage %s serves %s", project_id, s.id, escape(self.folder))
+                return
+        if not create:
+            print(escape(f"dl2ls push: warning: project {project_id} has no local files storage at {self.folder} "
+                         "or above it, and Label Studio serves /data/local-files/ only under one: pass "
+                         "--create-storage, or add it (Settings > Cloud Storage > Add Source Storage > Local "
+                         "files) without syncing it"), file=sys.stderr)
+            return
+        if dry_run:
+            print(escape(f"dry run: would create a local files storage at {self.folder} in project {project_id}"),
+                  file=sys.stderr)
+            return
+        created = pusher.create_local_storage(project_id, str(self.folder), "dl2ls media")
+        log.info("created local files storage %s at %s in project %d (not synced: push makes the tasks)",
+                 created.id, escape(self.folder), project_id)
+
+
+def _local_media(args, options: ConvertOptions) -> _LocalMedia | None:
+    """--media-root DIR: the items/ folder (DIR, or DIR/items), under LOCAL_FILES_DOCUMENT_ROOT."""
+    if getattr(args, "create_storage", False) and not args.media_root:
+        raise UsageError("--create-storage goes with --media-root")
+    if not getattr(args, "media_root", None):
+        return None
+    if args.media_url:
+        raise UsageError("--media-root and --media-url both say where the tasks' media is: give one")
+    root_text = next((os.environ[name] for name in DOCUMENT_ROOT_ENV if os.environ.get(name)), None)
+    if not root_text:
+        raise UsageError("--media-root needs LOCAL_FILES_DOCUMENT_ROOT: the folder Label Studio serves "
+                         "/data/local-files/ from (the value Label Studio runs with; LOCAL_FILES_SERVING_ENABLED "
+                         "must be true there too)")
+    folder = Path(args.media_root)
+    if not folder.is_dir():
+        raise UsageError(f"--media-root {escape(folder)}: no such folder (`dl2ls fetch --media` writes DIR/items)")
+    if folder.name != "items" and (folder / "items").is_dir():
+        folder = folder / "items"
+    candidates = [(Path(os.path.abspath(root_text)), Path(os.path.abspath(folder))),
+                  (Path(os.path.realpath(root_text)), Path(os.path.realpath(folder)))]
+    for root, where in candidates:
+        if root in where.parents:
+            local = _LocalMedia(where, root)
+            options.media_url = local.template()
+            options.media_proxy = None
+            return local
+    if any(root == where for root, where in candidates):
+        raise UsageError(f"--media-root {escape(folder)} is LOCAL_FILES_DOCUMENT_ROOT itself: Label Studio serves "
+                         "local files only from a folder below it; move the files one level down")
+    raise UsageError(f"--media-root {escape(folder)} is not under LOCAL_FILES_DOCUMENT_ROOT "
+                     f"({escape(root_text)}): Label Studio serves /data/local-files/ only from there")
 
 
 # ----------------------------------------------------------------------------- fetch
@@ -363,18 +552,21 @@ def cmd_fetch(args) -> int:
     from dl2ls.report import escape
 
     filters = _dql(args.filter)
+    if not 1 <= args.media_workers <= MAX_MEDIA_WORKERS:
+        raise UsageError(f"--media-workers must be between 1 and {MAX_MEDIA_WORKERS}")
     client = api.DataloopClient()
     client.me()
     client.dataset(args.dataset)
     root = Path(args.output)
     count = annotations = skipped = 0
+    media = _MediaPlan(root / "items") if args.media else None
 
     def skip(where: str, reason: str) -> None:  # one line, and the next item
         nonlocal skipped
         skipped += 1
         print(escape(f"dl2ls fetch: skipped {where}: {reason}"), file=sys.stderr)
 
-    def save(item: dict, key: str, body: bytes, where: str) -> None:
+    def save(item: dict, key: str, body: bytes, where: str, size: int | None) -> None:
         nonlocal count, annotations
         path = write.item_path(root, item.get("dir"), item.get("filename"), item.get("name"), key)
         try:
@@ -384,6 +576,11 @@ def cmd_fetch(args) -> int:
         count += 1
         anns = item.get("annotations")
         annotations += len(anns) if isinstance(anns, list) else 0
+        if media is not None:
+            clash = media.add(write.media_job(media.root, key, item.get("dir"), item.get("filename"),
+                                              item.get("name"), size))
+            if clash:
+                skip(f"the media of item {key}", f"its local name is item {clash}'s too: not downloaded")
 
     if args.method == "export":
         # one element at a time from a temporary file: memory follows the largest item
@@ -404,7 +601,8 @@ def cmd_fetch(args) -> int:
                 continue
             fields = {"dir": item.dir, "filename": item.filename, "name": item.name,
                       "annotations": item.annotations}
-            save(fields, key, element.data, f"{where} (item {key})")
+            size = write.size_in(element.data) if media is not None else None
+            save(fields, key, element.data, f"{where} (item {key})", size)
     else:
         for item in client.query(args.dataset, filters):  # entries without any id are skipped there
             key = api.item_key(item)
@@ -414,12 +612,125 @@ def cmd_fetch(args) -> int:
             except orjson.JSONEncodeError as err:  # e.g. a lone surrogate that Python's json let through
                 skip(f"item {key}", f"cannot be written as JSON ({err})")
                 continue
-            save(item, key, body, f"item {key}")
+            save(item, key, body, f"item {key}", write.item_size(item.get("metadata")))
     skipped += client.counters.skipped
+    media_line = ""
+    if media is not None:
+        done = media.run(client, args.media_workers)
+        skipped += done.failed
+        media_line = (f"; media into {root / 'items'}: {done.downloaded} downloaded ({_bytes(done.bytes)}), "
+                      f"{done.kept} already complete" + (f", {done.failed} failed" if done.failed else ""))
     print(f"fetched {count} items ({annotations} annotations) of dataset {args.dataset} into {root / 'json'} "
-          f"with {client.counters.requests} requests ({client.counters.retries} retried)"
+          f"with {client.counters.requests} requests ({client.counters.retries} retried)" + media_line
           + (f"; {skipped} skipped" if skipped else ""), file=sys.stderr)
     return EXIT_FAILED if skipped else EXIT_OK
+
+
+MAX_MEDIA_WORKERS = 32
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class _MediaDone:
+    downloaded = kept = failed = bytes = 0
+
+
+class _MediaPlan:
+    """fetch --media: the items' binaries to download into `root` (the export's items/ folder),
+    one job per item, each to its own path."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.jobs: list = []
+        self.claimed: dict[Path, str] = {}
+
+    def add(self, job) -> str | None:
+        """Plan a download; the id of the item that already has its path, if one does."""
+        other = self.claimed.setdefault(job.path, job.item_id)
+        if other != job.item_id:
+            return other
+        self.jobs.append(job)
+        return None
+
+    def run(self, client, workers: int) -> _MediaDone:
+        """Download what is not complete from an earlier run (see write.complete), `workers` at a
+        time, each streamed to a temporary file and renamed into place when whole; a failure is
+        one line and the rest goes on. Ctrl-C stops the downloads under way (their temporary files
+        go) and keeps the files already complete, so that a rerun goes on from there."""
+        import threading
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        from dl2ls.dataloop import write
+        from dl2ls.dataloop.api import DataloopError, Stopped
+        from dl2ls.report import describe
+
+        done = _MediaDone()
+        todo = []
+        for job in self.jobs:
+            if write.complete(job.path, job.size):
+                done.kept += 1
+            else:
+                todo.append(job)
+        self.jobs = []
+        if not todo:
+            return done
+        bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            sizes = [job.size for job in todo]
+            bar = tqdm(total=None if None in sizes else sum(sizes), unit="B", unit_scale=True,
+                       desc="media", file=sys.stderr, leave=False)
+        stop = threading.Event()
+
+        def one(job) -> int:
+            write.clear_parts(job.path)  # what a killed run left beside it
+            return client.download_media(job.item_id, job.path, stop, bar.update if bar else None)
+
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dl2ls-media")
+        pending: dict = {}
+        queue = iter(todo)
+        try:
+            while True:
+                # a bounded number in flight: memory follows the workers, not the dataset
+                for job in queue:
+                    pending[pool.submit(one, job)] = job
+                    if len(pending) >= 2 * workers:
+                        break
+                if not pending:
+                    break
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = pending.pop(future)
+                    try:
+                        written = future.result()
+                        done.bytes += written
+                        done.downloaded += 1
+                        if job.size is not None and written != job.size:  # whole as HTTP goes: kept, said
+                            print(escape(f"dl2ls fetch: warning: media of item {job.item_id}: {written} bytes where "
+                                         f"Dataloop's metadata.system.size says {job.size}: kept, and a rerun "
+                                         "downloads it again"), file=sys.stderr)
+                    except (DataloopError, Stopped, OSError) as err:
+                        done.failed += 1
+                        print(escape(f"dl2ls fetch: media of item {job.item_id}: {err}"), file=sys.stderr)
+                    except Exception as err:  # noqa: BLE001 - this item alone fails, the rest goes on
+                        done.failed += 1
+                        print(escape(f"dl2ls fetch: media of item {job.item_id}: {describe(err)}"), file=sys.stderr)
+        except BaseException:  # Ctrl-C (or a worker interrupted): stop what is under way, keep what is whole
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            if bar is not None:
+                bar.close()
+        return done
 
 
 # ----------------------------------------------------------------------------- sync
@@ -433,6 +744,7 @@ def cmd_sync(args) -> int:
     options = _convert_options(args)
     defaults = _defaults(args)
     filters = _dql(args.filter)
+    gateway = _media_policy(args, options)
     try:
         every = sync.parse_every(args.every) if args.every else None
     except ValueError as err:
@@ -446,6 +758,10 @@ def cmd_sync(args) -> int:
         except (sync.SyncBusy, sync.StateError) as err:
             print(f"dl2ls sync: {err}", file=sys.stderr)
             return EXIT_USAGE
+        if gateway:  # one line per run
+            print(f"dl2ls sync: warning: {gateway}", file=sys.stderr)
+        if args.media_url:
+            _check_media_storage(pusher, args.project, args.media_url, "sync")
         report = Report()
         try:
             summary = sync.run_once(client, pusher, args.dataset, args.project, state, filters, options, defaults,
@@ -557,8 +873,15 @@ def _conversion_options(p: argparse.ArgumentParser, with_config: bool = True) ->
                    help="prediction model_version; fields {source} (the Dataloop model's name, or 'human'), "
                         "{model_id}, {dataset_id}, {item_id} (default: %(default)s)")
     p.add_argument("--media-url", metavar="TEMPLATE",
-                   help="task media URL; fields {id}, {name}, {filename}, {dir}, {dataset_id}, {stream} "
-                        "(default: the item's stream URL, else its filename)")
+                   help="task media URL; fields {id}, {name}, {filename}, {dir}, {dataset_id}, {stream}. For media "
+                        "in your own bucket: s3://bucket/prefix{filename}, gs://bucket/prefix{filename} or "
+                        "azure-blob://container/prefix{filename}, which Label Studio turns into presigned URLs "
+                        "through the project's import storage of that kind and bucket (push and sync say in one "
+                        "line when the project has none). Default for push and sync: the dl2ls backend's signed "
+                        "/media URLs when DL2LS_PUBLIC_URL (the backend as browsers reach it) and "
+                        "DL2LS_MEDIA_SECRET are set; else the item's Dataloop stream URL, which the editor cannot "
+                        "load without a Dataloop token (a warning line says so), else its filename. An existing "
+                        "task's media is never changed")
     p.add_argument("--label-map", metavar="FILE", help='JSON object renaming labels, e.g. {"vehicle.car": "car"}')
     p.add_argument("--tolerance", type=float, default=0.0, metavar="PX",
                    help="allow a lossy keyframe simplification within PX pixels (default 0: exact); "
@@ -640,15 +963,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for tasks that came from cloud storage) (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="say what would change, write nothing")
     p.add_argument("--report", metavar="FILE", help="write the conversion report and the push summary as JSON")
+    local = p.add_argument_group("media as Label Studio's local files (after `dl2ls fetch --media`)")
+    local.add_argument("--media-root", metavar="DIR",
+                       help="new tasks point at /data/local-files/?d=<the item's file, relative to "
+                            "LOCAL_FILES_DOCUMENT_ROOT>; DIR is the items/ folder fetch --media wrote (or the export "
+                            "folder holding it). LOCAL_FILES_DOCUMENT_ROOT (or "
+                            "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT) must be set here to the value Label Studio runs "
+                            "with (and LOCAL_FILES_SERVING_ENABLED=true there), and DIR must be a folder below it. "
+                            "An item whose file is not there gets a warning line and its task all the same (the URL "
+                            "is right once the file comes). Not with --media-url")
+    local.add_argument("--create-storage", action="store_true",
+                       help="with --media-root: give the project a local files import storage at DIR (recursive, "
+                            "blob URLs) unless it has one at DIR or above; never synced, since push makes the tasks "
+                            "and a sync would add them twice. Label Studio serves local files only under such a "
+                            "storage: without it, push says so in one line when the project has none")
     _kind_option(p)
     _conversion_options(p)
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("fetch", help="download a Dataloop dataset as an export folder (json/ tree)",
+    p = sub.add_parser("fetch",
+                       help="download a Dataloop dataset as an export folder (json/ tree; items/ with --media)",
                        description="Fetch a dataset through Dataloop's REST API and write what an export "
-                                   "would (json/ mirroring the remote folders), so that convert, push and serve "
-                                   "work offline from it. Credentials: DATALOOP_API_KEY, or DATALOOP_USERNAME and "
-                                   "DATALOOP_PASSWORD; DATALOOP_API_URL for another gate.")
+                                   "would (json/ mirroring the remote folders; with --media the binaries in items/), "
+                                   "so that convert, push and serve work offline from it. Credentials: "
+                                   "DATALOOP_API_KEY, or DATALOOP_USERNAME and DATALOOP_PASSWORD; DATALOOP_API_URL "
+                                   "for another gate.")
     p.add_argument("--dataset", required=True, metavar="ID")
     p.add_argument("-o", "--output", default="dataloop-export", metavar="DIR", help="(default: %(default)s)")
     p.add_argument("--filter", metavar="DQL.json", help="only the items matching this DQL filter")
@@ -657,6 +996,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("export", "query"), default="export",
                    help="export: one export command (fewest requests); query: items by query, then each "
                         "item's annotations (default: %(default)s)")
+    p.add_argument("--media", action="store_true",
+                   help="also download each item's binary (its video or image) into DIR/items/, mirroring the "
+                        "remote folders as Dataloop's own export does (items/<dir>/<name>), for `push "
+                        "--media-root`. Resumable: a rerun skips a file whose size equals the item's "
+                        "metadata.system.size, or, when Dataloop gives no size, one that is there and not empty; "
+                        "a download goes to a temporary file beside its place and is renamed in only when whole, "
+                        "so a killed run leaves no half file. A failed item is one line (exit 1), the rest goes on")
+    p.add_argument("--media-workers", type=int, default=4, metavar="N",
+                   help="with --media: how many downloads at once (default: %(default)s)")
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("sync", help="keep a Label Studio project's predictions in step with a Dataloop dataset",

@@ -365,8 +365,9 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
 
     @app.before_request
     def check_auth():
-        if user and password and request.path not in open_paths and not _authorized(user, password) \
-                and not hook_token_ok():
+        # /media/<item id> has its own signature: a browser's <video> cannot send basic auth
+        if user and password and request.path not in open_paths and not request.path.startswith("/media/") \
+                and not _authorized(user, password) and not hook_token_ok():
             response = jsonify(error="authentication required")
             response.status_code = 401
             response.headers["WWW-Authenticate"] = 'Basic realm="dl2ls"'
@@ -381,6 +382,7 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
 
     if sources:
         _offline_routes(app, sources, defaults, version, body)
+        _media_route(app, _lazy_dataloop())
     else:
         from dl2ls.service import Service
 
@@ -389,6 +391,7 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
                           os.environ.get("DL2LS_DATASET") or None, version, int(threads or 2),
                           os.environ.get("DL2LS_PUBLIC_URL") or None, (user, password) if user else None)
         _service_routes(app, service, version, body, hook_secret)
+        _media_route(app, service.dataloop)
         app.extensions["dl2ls.service"] = service
         if os.environ.get("DL2LS_NO_RUNNER") != "1":
             service.start()
@@ -411,6 +414,36 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
         return jsonify(error=f"internal error: {type(err).__name__}"), 500
 
     return app
+
+
+def _lazy_dataloop():
+    """`serve --source`: a DataloopClient made at the first /media request (DataloopError until
+    credentials are set), for the media proxy only."""
+    from dl2ls.dataloop.api import DataloopClient
+
+    made: list = []
+    lock = threading.Lock()
+
+    def client():
+        with lock:
+            if not made:
+                made.append(DataloopClient(timeout=30.0, max_wait=60.0))
+            return made[0]
+    return client
+
+
+def _media_route(app: Flask, client_of) -> None:
+    """`GET`/`HEAD /media/<item id>?sig=…`: the item's binary streamed from Dataloop (dl2ls.media),
+    when DL2LS_MEDIA_SECRET is set (else 404, saying so). Basic auth does not apply; the signature
+    does. `OPTIONS`: the CORS preflight (the editor asks cross-origin)."""
+    from dl2ls import media
+
+    secret = os.environ.get("DL2LS_MEDIA_SECRET") or None
+
+    @app.route("/media/<item_id>", methods=["GET", "HEAD", "OPTIONS"])
+    def media_item(item_id):
+        return media.respond(client_of, item_id, request.args.get("sig"), secret, request.headers,
+                             request.environ, request.method)
 
 
 def _offline_routes(app: Flask, sources: list[str], defaults: MediaDefaults, version: str, body) -> None:

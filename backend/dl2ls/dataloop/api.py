@@ -9,7 +9,10 @@ Shapes follow Dataloop's public API and its SDK `dtlpy` (see shared/reference/da
   (`hasNextPage`); GET /items/{id}; GET /items/{id}/annotations;
 - a whole dataset: POST /datasets/{id}/export -> a command, polled with GET /commands/{id}
   (backoff 2, 4, 8, 16, then 30 s), then GET /items/{outputItemId}/stream (a JSON array of items),
-  streamed to a temporary file and handed out one item at a time (`export_items`).
+  streamed to a temporary file and handed out one item at a time (`export_items`);
+- an item's binary: GET /items/{id}/stream, streamed in chunks to a temporary file beside its
+  place, synced and renamed into place only when whole (`download_media`). The client may be
+  shared by threads (fetch --media downloads a few at once).
 Every call has a timeout; connection errors, 5xx and 429 are retried with exponential backoff and
 jitter (honouring Retry-After) within a bounded total wait; 401/403/404 and every other failure of
 the transport end in one line (`DataloopError`). Tokens never appear in logs, errors or reports.
@@ -25,9 +28,11 @@ import os
 import random
 import re
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import orjson
@@ -61,6 +66,10 @@ def _parse(body: bytes) -> Any:
 
 class DataloopError(Exception):
     """One line: what Dataloop refused or what could not be reached, and the fix."""
+
+
+class Stopped(Exception):
+    """A download given up because the run is stopping (Ctrl-C): its temporary file is gone."""
 
 
 def item_key(item: Any) -> str | None:
@@ -138,10 +147,15 @@ class DataloopClient:
         self.counters = Counters()
         self._token: str | None = self._api_key or None
         self._refresh: str | None = None
+        self._lock = threading.RLock()  # the session token and the counters, when threads share the client
 
     # -- auth -----------------------------------------------------------------------------------
 
     def _bearer(self) -> str:
+        with self._lock:  # one login at a time, whichever thread finds the session expired
+            return self._bearer_locked()
+
+    def _bearer_locked(self) -> str:
         if self._api_key:
             exp = jwt_expiry(self._api_key)
             if exp is not None and exp < time.time():
@@ -183,8 +197,9 @@ class DataloopClient:
         waited, attempt, relogged = 0.0, 0, False
         while True:
             headers = {"Authorization": f"Bearer {self._bearer()}"} if auth else {}
-            self.counters.requests += 1
-            self.counters.by_route[route] = self.counters.by_route.get(route, 0) + 1
+            with self._lock:
+                self.counters.requests += 1
+                self.counters.by_route[route] = self.counters.by_route.get(route, 0) + 1
             problem = None
             try:
                 response = self.session.request(method, url, json=json_body, headers=headers, timeout=self.timeout,
@@ -199,7 +214,9 @@ class DataloopClient:
             if response is not None:
                 if response.status_code == 401 and auth and not self._api_key and not relogged:
                     response.close()
-                    self._token = None  # an expired session: log in again, once
+                    with self._lock:
+                        if self._token == headers["Authorization"][7:]:  # not renewed by another thread meanwhile
+                            self._token = None  # an expired session: log in again, once
                     relogged = True
                     continue
                 if response.status_code != 429 and response.status_code < 500:
@@ -211,7 +228,8 @@ class DataloopClient:
                 raise DataloopError(f"{method} {self._path(url)}: gave up after {attempt + 1} attempts and "
                                     f"{waited:.0f} s of waiting ({problem})")
             log.debug("%s %s: %s, retrying in %.1f s", method, self._path(url), problem, delay)
-            self.counters.retries += 1
+            with self._lock:
+                self.counters.retries += 1
             time.sleep(delay)
             waited += delay
             attempt += 1
@@ -429,3 +447,77 @@ class DataloopClient:
             except (ValueError, FileChanged) as err:
                 raise DataloopError(f"export of dataset {dataset_id}: the download is not a JSON array of "
                                     f"items: {err}") from None
+
+    def download_media(self, item_id: str, path: Path, stop: threading.Event | None = None,
+                       progress: Callable[[int], None] | None = None) -> int:
+        """Stream an item's binary (GET /items/{id}/stream) into `path`: chunk by chunk into a
+        temporary file beside it (so a rename is atomic), synced to disk and renamed into place
+        only when whole (the body ran to its Content-Length, or to the end of its chunked
+        encoding); a download cut off midway starts again from the beginning. `stop`: set by
+        another thread to give up (raises Stopped). `progress(n)`: bytes received (negative: a
+        restart). The bytes written; DataloopError (one line) when it cannot be had; nothing is
+        left behind but a complete file."""
+        from dl2ls.dataloop.write import part_file
+
+        what = f"item {item_id}'s media"
+        url = f"{self.base}/items/{item_id}/stream"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = part_file(path)
+        except OSError as err:
+            raise DataloopError(f"{what}: cannot write {path}: {err.strerror or err}") from None
+        try:
+            with os.fdopen(fd, "wb") as sink:
+                written = self._stream_into(url, what, sink, stop, progress)
+                sink.flush()
+                os.fsync(sink.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, path)
+            return written
+        except OSError as err:
+            raise DataloopError(f"{what}: cannot write {path}: {err.strerror or err}") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)  # gone after the rename; else never left half written
+
+    def _stream_into(self, url: str, what: str, sink: IO[bytes], stop: threading.Event | None,
+                     progress: Callable[[int], None] | None) -> int:
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            if stop is not None and stop.is_set():
+                raise Stopped(what)
+            response = self._send("GET", url, route="items/{id}/stream", stream=True)
+            written = 0
+            try:
+                self._check(response, what)
+                sink.seek(0)
+                sink.truncate()
+                for chunk in response.iter_content(DOWNLOAD_CHUNK):
+                    if stop is not None and stop.is_set():
+                        raise Stopped(what)
+                    sink.write(chunk)
+                    written += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                return written
+            except RETRIED as err:
+                if progress is not None and written:
+                    progress(-written)
+                if attempt + 1 >= DOWNLOAD_ATTEMPTS:
+                    raise DataloopError(f"{what}: cut off {attempt + 1} times ({type(err).__name__})") from None
+                log.debug("%s: %s, starting again", what, type(err).__name__)
+                with self._lock:
+                    self.counters.retries += 1
+                time.sleep(self._delay(None, attempt))
+            except requests.RequestException as err:
+                raise DataloopError(f"{what}: {self._describe(err)}") from None
+            finally:
+                response.close()
+        raise AssertionError("unreachable")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: os.umask is process-wide, and downloads run in threads

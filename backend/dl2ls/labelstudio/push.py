@@ -653,6 +653,21 @@ class Pusher:
         self._call("update the webhook", self.client.webhooks.update, webhook_id, url=url, send_payload=True,
                    send_for_all_actions=all_actions, actions=actions, headers=headers, is_active=True)
 
+    def import_storages(self, project_id: int, kind: str) -> list:
+        """The project's import storages of one kind: "local", "s3", "gcs" or "azure" (each has
+        `id`; local `path`, s3 and gcs `bucket`, azure `container`)."""
+        self.requests["read"] += 1
+        storages = getattr(self.client.import_storage, kind)
+        return self._retrying(f"{kind} import storages of project {project_id}",
+                              lambda: list(storages.list(project=project_id, request_options=self.options)))
+
+    def create_local_storage(self, project_id: int, path: str, title: str):
+        """A local files import storage at `path` (recursive, blob URLs), not synced: it only lets
+        Label Studio serve /data/local-files/ under `path` to the project's users."""
+        self.requests["write"] += 1
+        return self._call("create the local files storage", self.client.import_storage.local.create,
+                          project=project_id, path=path, title=title, recursive_scan=True, use_blob_urls=True)
+
     def set_model_version(self, project_id: int, version: str) -> None:
         self.requests["write"] += 1
         self._call("set the project's model_version", self.client.projects.update, project_id,
