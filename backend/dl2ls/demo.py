@@ -2,12 +2,15 @@
 
     python -m dl2ls.demo [--source ITEM.json] [--dir .demo] [--port 8080] [--backend-port 9090]
 
-Renders a short video that matches the bundled Dataloop sample (its size, fps and frame count;
-the sample's boxes drawn where Dataloop has them; frame numbers burnt in), starts a local Label
-Studio (SQLite, loopback, local file serving for the video), creates a project with the generated
-labeling config, pushes the sample with its predictions, starts `dl2ls serve` and connects it to
-the project, and prints the URL of the first task and the login. Ctrl-C stops everything it
-started; a new run resets its folder.
+Runs the product the way a user would, with a local stand-in for Dataloop (`dl2ls.standin`; no
+account needed): renders a short video that matches the bundled Dataloop sample (its size, fps and
+frame count; the sample's boxes drawn where Dataloop has them; frame numbers burnt in) and puts
+the sample and its video in the stand-in; starts a local Label Studio (SQLite, loopback) and the
+dl2ls service (`dl2ls serve`, media proxy on); `dl2ls fetch`es the dataset and `dl2ls push`es it
+into a new project, whose task plays its video through the service's signed `/media` URL (streamed
+from the stand-in, as from Dataloop); connects the service to the project (Settings > Model,
+extra params {"dataset": ...}) so that it keeps the project in sync; and prints the URL of the
+first task and the login. Ctrl-C stops everything it started; a new run resets its folder.
 """
 
 from __future__ import annotations
@@ -79,54 +82,67 @@ class Demo:
     backend: subprocess.Popen | None
     project_id: int
     task_id: int
+    dataloop: object | None = None  # the stand-in
 
     def stop(self) -> None:
         stop_process(self.backend, 20)
         self.server.stop()
+        if self.dataloop is not None:
+            self.dataloop.stop()
 
 
 def start(source: Path, folder: Path, port: int, backend_port: int | None, title: str = "dl2ls demo") -> Demo:
     """Everything the demo needs, started; stop() ends it all."""
+    import json
+
     from label_studio_sdk import LabelStudio
 
     from dl2ls.cli import main as dl2ls
+    from dl2ls.standin import DataloopStandIn
 
-    folder = folder.resolve()  # Label Studio's local storage wants absolute paths
-    media = folder / "media"
-    entry = next(e for e in iter_items(source) if e.item is not None)
-    name = entry.item.name or Path(entry.item.filename or "video").name
-    video = media / "videos" / (Path(name).stem + ".webm")
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    item = json.loads(Path(source).read_text())  # one Dataloop item (or an array: its first)
+    item = next(i for i in item if isinstance(i, dict)) if isinstance(item, list) else item
+    video = folder / "video.webm"
     render_video(source, video)
+    item.setdefault("metadata", {}).setdefault("system", {})["size"] = video.stat().st_size
+    dataloop = DataloopStandIn().start()  # Dataloop, as far as everything below can tell
+    dataloop.put_item("demo-dataset", item)
+    dataloop.media[item["id"]] = video.read_bytes()
     token = secrets.token_hex(20)
-    server = LocalLabelStudio(folder / "label-studio", port, token, media_root=media).start()
+    server = LocalLabelStudio(folder / "label-studio", port, token).start()
     backend = None
     try:
-        env = {"LABEL_STUDIO_URL": server.url, "LABEL_STUDIO_API_KEY": token}
+        backend_port = backend_port or free_port()
+        public = f"http://127.0.0.1:{backend_port}"
+        media_secret = secrets.token_hex(24)
+        env = {"LABEL_STUDIO_URL": server.url, "LABEL_STUDIO_API_KEY": token, "DATALOOP_API_URL": dataloop.url,
+               "DATALOOP_API_KEY": dataloop.api_key, "DL2LS_PUBLIC_URL": public, "DL2LS_MEDIA_SECRET": media_secret}
         os.environ.update(env)
+        backend = subprocess.Popen([sys.executable, "-m", "dl2ls.cli", "-q", "serve", "--host", "127.0.0.1",
+                                    "--port", str(backend_port)],
+                                   env={**os.environ, "WORKERS": "1", "THREADS": "8",
+                                        "MODEL_DIR": str(folder / "model")},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(f"{public}/health", 60, backend)
         ls = LabelStudio(base_url=server.url, api_key=token)
+        export = folder / "export"
+        if dl2ls(["-q", "fetch", "--dataset", "demo-dataset", "-o", str(export)]) != 0:
+            raise RuntimeError("dl2ls fetch failed")
         report = folder / "push.json"
-        code = dl2ls(["-q", "push", str(source), "--new-project", title, "--report", str(report),
-                      "--media-url", f"/data/local-files/?d=videos/{video.name}"])
-        if code != 0:
-            raise RuntimeError(f"dl2ls push exited {code}")
-        import json
-
+        if dl2ls(["-q", "push", str(export), "--new-project", title, "--report", str(report)]) != 0:
+            raise RuntimeError("dl2ls push failed")
         project_id = json.loads(report.read_text())["push"]["project"]
-        ls.import_storage.local.create(project=project_id, path=str(media / "videos"), title="demo videos",
-                                       use_blob_urls=True)
         task_id = next(iter(ls.tasks.list(project=project_id, include="id"))).id
-        if backend_port:
-            backend = subprocess.Popen([sys.executable, "-m", "dl2ls.cli", "-q", "serve", "--source", str(source),
-                                        "--host", "127.0.0.1", "--port", str(backend_port)],
-                                       env={**os.environ, "WORKERS": "1", "THREADS": "4"},
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_http(f"http://127.0.0.1:{backend_port}/health", 60, backend)
-            ls.ml.create(project=project_id, url=f"http://127.0.0.1:{backend_port}", title="dl2ls",
-                         is_interactive=False)
-        return Demo(server, backend, project_id, task_id)
+        ls.ml.create(project=project_id, url=public, title="dl2ls", is_interactive=False,
+                     # the versions push wrote: the service keeps them, rather than adding its own
+                     extra_params=json.dumps({"dataset": "demo-dataset", "model_version": "dataloop-{source}"}))
+        return Demo(server, backend, project_id, task_id, dataloop)
     except BaseException:
         stop_process(backend, 20)
         server.stop()
+        dataloop.stop()
         raise
 
 
@@ -147,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"""
 Label Studio is up at {demo.server.url}   login: {demo.server.username} / {demo.server.password}
 The sample's predictions, in the editor:  {demo.server.url}/projects/{demo.project_id}/data?task={demo.task_id}
-The dl2ls ML backend is connected (Settings > Model); "Retrieve Predictions" asks it.
+The video plays through the dl2ls service's /media proxy, streamed from the Dataloop stand-in.
+The service is connected (Settings > Model) and keeps the project in step with the "dataset".
 Ctrl-C stops Label Studio and the backend.""", flush=True)
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM too
         while True:
