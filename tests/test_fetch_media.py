@@ -479,3 +479,20 @@ def test_a_template_that_is_not_a_cloud_uri_is_not_checked(standin, tmp_path, ca
                  "https://cdn.example.com{filename}"]) == 0
     err = capsys.readouterr().err
     assert not storage_lines(err) and not gateway_lines(err)
+
+
+@pytest.mark.parametrize("item_dir, filename, name, item_id", [
+    (None, "//home/u/.bashrc", None, "i1"),        # a leading "//" is not an absolute part to keep
+    ("//tmp", None, "x.webm", "i2"),
+    (None, "/a/../../b.webm", None, "i3"),
+    (None, "..", None, "../../escape"),             # nothing usable: the id, made harmless
+    (None, "/", None, "..\\..\\win"),
+    (None, "\\\\server\\share\\c.webm", None, "i4"),
+])
+def test_no_name_leaves_the_items_folder(tmp_path, item_dir, filename, name, item_id):
+    from dl2ls.dataloop.write import item_path, media_path
+
+    root = tmp_path / "export" / "items"
+    for path in (media_path(root, item_dir, filename, name, item_id),
+                 item_path(tmp_path / "export", item_dir, filename, name, item_id)):
+        assert path.resolve().is_relative_to((tmp_path / "export").resolve()), path

@@ -364,6 +364,9 @@ CLOUD_SCHEMES = {"s3": ("s3", "bucket", "Amazon S3"), "gs": ("gcs", "bucket", "G
                  "azure-blob": ("azure", "container", "Azure Blob Storage")}
 
 
+MIN_MEDIA_SECRET = 16
+
+
 def _media_policy(args, options: ConvertOptions) -> str | None:
     """Where the media of the tasks push and sync create points: --media-url's template, else
     (push) --media-root's local files, else the backend's signed /media URLs when DL2LS_PUBLIC_URL
@@ -378,6 +381,9 @@ def _media_policy(args, options: ConvertOptions) -> str | None:
     public = os.environ.get("DL2LS_PUBLIC_URL", "").strip()
     secret = os.environ.get("DL2LS_MEDIA_SECRET", "")
     if public and secret:
+        if len(secret) < MIN_MEDIA_SECRET:
+            raise UsageError(f"DL2LS_MEDIA_SECRET must be at least {MIN_MEDIA_SECRET} characters: one signed URL "
+                             "is enough to guess a short one offline (e.g. openssl rand -hex 24)")
         try:
             parts = urlsplit(public)
             parts.port  # noqa: B018 - raises ValueError on a port that is not a number
@@ -663,14 +669,31 @@ class _MediaPlan:
         time, each streamed to a temporary file and renamed into place when whole; a failure is
         one line and the rest goes on. Ctrl-C stops the downloads under way (their temporary files
         go) and keeps the files already complete, so that a rerun goes on from there."""
-        import threading
-        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
         from dl2ls.dataloop import write
         from dl2ls.dataloop.api import DataloopError, Stopped
         from dl2ls.report import describe
 
         done = _MediaDone()
+        # one fetch --media at a time per folder: a run clears the partial files a killed run left,
+        # which must not be another live run's
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.root, os.O_RDONLY)  # the folder itself is the lock: nothing left in it
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            raise UsageError(f"another dl2ls fetch --media is writing into {self.root}: wait for it") from None
+        try:
+            return self._run(client, workers, done, write, DataloopError, Stopped, describe)
+        finally:
+            os.close(lock)
+
+    def _run(self, client, workers, done, write, DataloopError, Stopped, describe) -> _MediaDone:
+        import threading
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
         todo = []
         for job in self.jobs:
             if write.complete(job.path, job.size):

@@ -290,6 +290,9 @@ def respond(client_of: Callable[[], object], item_id: str, given: str | None, se
     try:
         out = {k: upstream.headers[k] for k in PASSED_BACK if upstream.headers.get(k)}
         out["Cache-Control"] = CACHE_CONTROL
+        # whatever a dataset holds (an .html, an .svg), it is media here, never a page of this origin
+        out["X-Content-Type-Options"] = "nosniff"
+        out["Content-Security-Policy"] = "sandbox; default-src 'none'"
         out.update(CORS)
         if upstream.status_code != 304:
             out["Content-Type"] = content_type(client, item_id, upstream)

@@ -439,6 +439,9 @@ def _media_route(app: Flask, client_of) -> None:
     from dl2ls import media
 
     secret = os.environ.get("DL2LS_MEDIA_SECRET") or None
+    if secret and len(secret) < 16:
+        raise SystemExit("dl2ls serve: DL2LS_MEDIA_SECRET must be at least 16 characters: one signed URL is "
+                         "enough to guess a short one offline (e.g. openssl rand -hex 24)")
 
     @app.route("/media/<item_id>", methods=["GET", "HEAD", "OPTIONS"])
     def media_item(item_id):

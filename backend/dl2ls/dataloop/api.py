@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import orjson
 import requests
@@ -144,6 +144,10 @@ class DataloopClient:
         self.poll_schedule = poll_schedule
         self.backoff = backoff
         self.session = requests.Session()
+        # as many pooled connections as fetch --media may run downloads at once
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.counters = Counters()
         self._token: str | None = self._api_key or None
         self._refresh: str | None = None
@@ -460,7 +464,7 @@ class DataloopClient:
         from dl2ls.dataloop.write import part_file
 
         what = f"item {item_id}'s media"
-        url = f"{self.base}/items/{item_id}/stream"
+        url = f"{self.base}/items/{quote(item_id, safe='')}/stream"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = part_file(path)

@@ -9,7 +9,7 @@ import re
 import secrets
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -24,8 +24,10 @@ def safe_parts(item_dir: Any, filename: Any, name: Any, item_id: str) -> list[st
     are not text (an answer is input like any other) are ignored."""
     item_dir, filename, name = (v if isinstance(v, str) else None for v in (item_dir, filename, name))
     remote = filename or (f"{item_dir or ''}/{name}" if name else None) or item_id
-    parts = [p for p in PurePosixPath(remote.replace("\\", "/")).parts if p not in ("/", "", ".", "..")]
-    return [re.sub(r'[\x00-\x1f<>:"|?*]', "_", p) for p in parts] or [item_id]
+    # split by hand: PurePosixPath keeps a leading "//" as a part, which joinpath takes as absolute
+    parts = [p for p in remote.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    clean = [re.sub(r'[\x00-\x1f<>:"|?*]', "_", p) for p in parts]
+    return clean or [re.sub(r'[\x00-\x1f<>:"|?*/\\]', "_", item_id).replace("..", "__") or "_"]
 
 
 def item_path(root: Path, item_dir: str | None, filename: str | None, name: str | None, item_id: str) -> Path:
