@@ -102,9 +102,14 @@ def test_without_a_secret_the_proxy_is_off_and_says_how_to_turn_it_on(make_app, 
     assert streamed(standin) == 0
 
 
+def test_a_short_secret_is_refused(make_app):
+    with pytest.raises(SystemExit, match="at least 16"):
+        make_app(secret="short")
+
+
 def test_a_rotated_secret_revokes_every_url(make_app):
-    old = url_of(secret="old secret")
-    assert make_app(secret="old secret").get(old).status_code == 200
+    old = url_of(secret="the old secret, before rotation")
+    assert make_app(secret="the old secret, before rotation").get(old).status_code == 200
     rotated = make_app(secret="a new secret, rotated")
     assert rotated.get(old).status_code == 403
     assert rotated.get(url_of(secret="a new secret, rotated")).data == DATA
