@@ -28,7 +28,6 @@ import mimetypes
 import re
 import socket
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -81,8 +80,6 @@ PREFLIGHT = {**CORS, "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
              "Access-Control-Max-Age": "86400"}
 GENERIC_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/binary"}
 OPEN_ATTEMPTS = 3  # a browser is waiting: a few quick tries, not the API's minute of backoff
-CONNECT_TIMEOUT = 10.0
-ROUTE = "items/{id}/stream"
 NAMES_KEPT = 1024
 
 _names: OrderedDict = OrderedDict()  # (base, item id) -> item name, for a Content-Type Dataloop left out
@@ -97,75 +94,31 @@ class MediaError(Exception):
         self.status = status
 
 
-def stream_url(client, item_id: str) -> str:
-    return f"{client.base}/items/{quote(item_id, safe='')}/stream"
-
-
 def open_stream(client, item_id: str, headers: Mapping[str, str]):
-    """Dataloop's `GET /items/{id}/stream` for the item, with the DataloopClient's session and token
-    and the browser's range and validator headers (`PASSED_IN`) passed on; the body not read yet
-    (`stream=True`). Connection errors, 5xx and 429 are tried OPEN_ATTEMPTS times within about a
-    second; an expired login is renewed once. Returns the response when Dataloop answers below 400
-    or 416 (the caller closes it); else MediaError: 404 for an item Dataloop does not have, 502 for
-    everything else (refused credentials, 5xx, unreachable)."""
-    import requests
+    """Dataloop's `GET /items/{id}/stream` for the item through the DataloopClient (its session,
+    token and retries, within a browser's patience: OPEN_ATTEMPTS tries in about a second), the
+    browser's range and validator headers (`PASSED_IN`) passed on, the body not read yet. Returns
+    the response when Dataloop answers below 400 or 416 (the caller closes it); else MediaError:
+    404 for an item Dataloop does not have, 502 for everything else."""
+    from dl2ls.dataloop.api import DataloopError
 
-    from dl2ls.dataloop.api import RETRIED, DataloopError
-
-    url, what = stream_url(client, item_id), f"item {escape(item_id)[:100]}"
+    what = f"item {escape(item_id)[:100]}"
     sent = {k: headers[k] for k in PASSED_IN if headers.get(k)}
     sent["Accept-Encoding"] = "identity"  # the bytes as stored: Content-Length and ranges count them
-    attempt, relogged, problem = 0, False, "no answer"
-    while attempt < OPEN_ATTEMPTS:
-        try:
-            token = client._bearer()
-        except DataloopError as err:
-            raise MediaError(502, f"{what}: Dataloop: {err}") from None
-        client.counters.requests += 1
-        client.counters.by_route[ROUTE] = client.counters.by_route.get(ROUTE, 0) + 1
-        response = None
-        try:
-            response = client.session.get(url, headers={**sent, "Authorization": f"Bearer {token}"}, stream=True,
-                                          timeout=(min(CONNECT_TIMEOUT, client.timeout), client.timeout))
-        except RETRIED as err:
-            problem = type(err).__name__
-        except requests.RequestException as err:
-            raise MediaError(502, f"{what}: Dataloop: {client._describe(err)}") from None
-        except (UnicodeError, ValueError) as err:  # e.g. a header no HTTP can carry
-            raise MediaError(502, f"{what}: cannot ask Dataloop ({type(err).__name__})") from None
-        if response is not None:
-            code = response.status_code
-            if code == 401 and not client._api_key and not relogged:
-                response.close()
-                client._token = None  # an expired session: log in again, once (as DataloopClient._send)
-                relogged = True
-                continue
-            if code < 400 or code == 416:
-                return response
-            delay = _retry_after(response)
-            response.close()
-            if code == 404:
-                raise MediaError(404, f"{what}: Dataloop has no such item (404)")
-            if code in (401, 403):
-                raise MediaError(502, f"{what}: Dataloop refused the backend's credentials (HTTP {code}): "
-                                      "check DATALOOP_API_KEY, or DATALOOP_USERNAME/DATALOOP_PASSWORD")
-            if code != 429 and code < 500:
-                raise MediaError(502, f"{what}: Dataloop answered HTTP {code}")
-            problem = f"HTTP {code}"
-        else:
-            delay = None
-        attempt += 1
-        if attempt < OPEN_ATTEMPTS:
-            client.counters.retries += 1
-            time.sleep(min(delay if delay is not None else 0.2 * 2 ** attempt, 2.0))
-    raise MediaError(502, f"{what}: Dataloop did not answer the stream after {OPEN_ATTEMPTS} attempts ({problem})")
-
-
-def _retry_after(response) -> float | None:
     try:
-        return max(0.0, float(response.headers.get("Retry-After") or "x"))
-    except ValueError:
-        return None
+        response = client.open_stream(item_id, sent, budget=(2.0, OPEN_ATTEMPTS, 0.2))
+    except DataloopError as err:
+        raise MediaError(502, f"{what}: Dataloop: {err}") from None
+    code = response.status_code
+    if code < 400 or code == 416:
+        return response
+    response.close()
+    if code == 404:
+        raise MediaError(404, f"{what}: Dataloop has no such item (404)")
+    if code in (401, 403):
+        raise MediaError(502, f"{what}: Dataloop refused the backend's credentials (HTTP {code}): "
+                              "check DATALOOP_API_KEY, or DATALOOP_USERNAME/DATALOOP_PASSWORD")
+    raise MediaError(502, f"{what}: Dataloop answered HTTP {code}")
 
 
 def content_type(client, item_id: str, upstream) -> str:

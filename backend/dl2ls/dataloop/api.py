@@ -195,12 +195,16 @@ class DataloopClient:
     # -- transport ------------------------------------------------------------------------------
 
     def _send(self, method: str, url: str, json_body: Any = None, auth: bool = True, route: str = "",
-              stream: bool = False) -> requests.Response:
+              stream: bool = False, headers: dict[str, str] | None = None,
+              budget: tuple[float, int, float] | None = None) -> requests.Response:
         """One logical request, retried on connection errors, 5xx and 429 with exponential backoff
-        and jitter (Retry-After wins), until max_wait seconds of waiting are spent."""
+        and jitter (Retry-After wins), until max_wait seconds of waiting are spent. `budget`:
+        (max_wait, attempts, backoff) for a caller someone is waiting on (a browser)."""
+        max_wait, max_attempts, backoff = budget or (self.max_wait, MAX_ATTEMPTS, self.backoff)
         waited, attempt, relogged = 0.0, 0, False
+        extra = dict(headers or {})
         while True:
-            headers = {"Authorization": f"Bearer {self._bearer()}"} if auth else {}
+            headers = {**extra, "Authorization": f"Bearer {self._bearer()}"} if auth else dict(extra)
             with self._lock:
                 self.counters.requests += 1
                 self.counters.by_route[route] = self.counters.by_route.get(route, 0) + 1
@@ -227,8 +231,8 @@ class DataloopClient:
                     return response
                 problem = f"HTTP {response.status_code}"
                 response.close()  # a streamed body left unread would hold its connection
-            delay = self._delay(response, attempt)
-            if waited + delay > self.max_wait or attempt + 1 >= MAX_ATTEMPTS:
+            delay = self._delay(response, attempt, backoff)
+            if waited + delay > max_wait or attempt + 1 >= max_attempts:
                 raise DataloopError(f"{method} {self._path(url)}: gave up after {attempt + 1} attempts and "
                                     f"{waited:.0f} s of waiting ({problem})")
             log.debug("%s %s: %s, retrying in %.1f s", method, self._path(url), problem, delay)
@@ -238,7 +242,7 @@ class DataloopClient:
             waited += delay
             attempt += 1
 
-    def _delay(self, response: requests.Response | None, attempt: int) -> float:
+    def _delay(self, response: requests.Response | None, attempt: int, backoff: float | None = None) -> float:
         if response is not None:
             retry_after = response.headers.get("Retry-After")
             if retry_after:
@@ -246,7 +250,7 @@ class DataloopClient:
                     return max(MIN_DELAY, float(retry_after))
                 except ValueError:
                     pass
-        return min(60.0, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.5)
+        return min(60.0, (self.backoff if backoff is None else backoff) * 2 ** attempt) * random.uniform(0.5, 1.5)
 
     def _path(self, url: str) -> str:
         return url[len(self.gate):] if url.startswith(self.gate) else url
@@ -294,6 +298,14 @@ class DataloopClient:
 
     def item(self, item_id: str) -> dict:
         return self.request("GET", f"/items/{item_id}", what=f"item {item_id}", route="items/{id}")
+
+    def open_stream(self, item_id: str, headers: dict[str, str], budget: tuple[float, int, float]) -> requests.Response:
+        """`GET /items/{id}/stream` with extra headers (a browser's Range and validators), the body
+        not read yet: retried as every request (an expired login renewed once) within `budget`
+        (max_wait, attempts, backoff). Any answer below 500 other than 429 (404, 416...) is the
+        caller's to read; DataloopError (one line) when none came."""
+        return self._send("GET", f"{self.base}/items/{quote(item_id, safe='')}/stream", route="items/{id}/stream",
+                          stream=True, headers=headers, budget=budget)
 
     def find_item(self, item_id: str) -> dict | None:
         """The item, or None when Dataloop says it does not exist (404): what sync asks before it
