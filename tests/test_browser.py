@@ -66,12 +66,26 @@ def sample_with_gap_and_hold() -> dict:
     return item
 
 
-def test_the_editor_draws_what_dataloop_has(label_studio, ls_env, ls_media_root, tmp_path):
+def require_chromium() -> None:
+    """Skip without Debian's Chromium locally; fail in CI, where .ci/run installs it."""
     if not Path(CHROMIUM).exists():
         message = f"no Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def login(page, url: str) -> None:
+    """Log the test Label Studio's admin in."""
+    page.goto(f"{url}/user/login/")
+    page.fill('input[name="email"]', "admin@example.com")
+    page.fill('input[name="password"]', "dl2ls-local-password")
+    page.click('button[type="submit"]')
+    page.wait_for_url(lambda u: "/user/login" not in u)
+
+
+def test_the_editor_draws_what_dataloop_has(label_studio, ls_env, ls_media_root, tmp_path):
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     url, _ = label_studio
@@ -96,11 +110,7 @@ def test_the_editor_draws_what_dataloop_has(label_studio, ls_env, ls_media_root,
         except Exception as err:  # a missing library, a sandbox problem: say so, don't skip
             pytest.fail(f"Chromium at {CHROMIUM} did not start: {str(err).splitlines()[0]}")
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.goto(f"{url}/user/login/")
-        page.fill('input[name="email"]', "admin@example.com")
-        page.fill('input[name="password"]', "dl2ls-local-password")
-        page.click('button[type="submit"]')
-        page.wait_for_url(lambda u: "/user/login" not in u)
+        login(page, url)
         page.goto(f"{url}/projects/{project_id}/data?task={task_id}")
         page.wait_for_function(READY, arg=1, timeout=90_000)
         page.evaluate(SELECT_PREDICTION)

@@ -6,7 +6,6 @@ In each, the editor seeks and the frame on screen (its burnt-in index) is the fr
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,14 @@ from dataloop_standin import DataloopStandIn
 from dl2ls.cli import main
 from dl2ls.demo import render_video
 from service_harness import ServiceProcess
-from test_browser import ARGS, CHROMIUM, READ_FRAME, READY, sample_with_gap_and_hold
+from test_browser import ARGS, CHROMIUM, READ_FRAME, READY, login, require_chromium, sample_with_gap_and_hold
 
 SECRET = "media-secret-for-tests"
 
 
 @pytest.fixture
 def chromium():
-    if not Path(CHROMIUM).exists():
-        message = f"no Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_chromium()
 
 
 @pytest.fixture
@@ -55,11 +50,7 @@ def frames_on_screen(url: str, project_id: int, task_id: int, frames: list[int])
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"{url}/user/login/")
-            page.fill('input[name="email"]', "admin@example.com")
-            page.fill('input[name="password"]', "dl2ls-local-password")
-            page.click('button[type="submit"]')
-            page.wait_for_url(lambda u: "/user/login" not in u)
+            login(page, url)
             page.goto(f"{url}/projects/{project_id}/data?task={task_id}")
             page.wait_for_function(READY, arg=1, timeout=90_000)
             return {frame: page.evaluate(READ_FRAME, frame)["shown"] + 1 for frame in frames}

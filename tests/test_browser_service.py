@@ -27,7 +27,7 @@ from conftest import SAMPLES
 from dataloop_standin import DataloopStandIn
 from dl2ls.demo import render_video
 from service_harness import CONFIG, ServiceProcess, connect, wait_for
-from test_browser import ARGS, ARTIFACTS, CHROMIUM
+from test_browser import ARGS, ARTIFACTS, CHROMIUM, login, require_chromium
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PARAMS = {"dataset": "ds1"}
@@ -50,21 +50,9 @@ def item_for(media_path: str) -> dict:
     return item
 
 
-def login(page, url: str) -> None:
-    page.goto(f"{url}/user/login/")
-    page.fill('input[name="email"]', "admin@example.com")
-    page.fill('input[name="password"]', "dl2ls-local-password")
-    page.click('button[type="submit"]')
-    page.wait_for_url(lambda u: "/user/login" not in u)
-
-
 def test_the_labeling_stream_shows_the_predictions_the_service_wrote(label_studio, ls_env, ls_media_root,
                                                                      tmp_path):
-    if not Path(CHROMIUM).exists():
-        message = f"no Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     url, _ = label_studio

@@ -313,6 +313,14 @@ def _config_from(body: dict) -> tuple[lsconfig.LabelConfig, str]:
     return config, hashlib.sha1(xml.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _tasks_of(data: dict) -> list:
+    """A /predict's tasks, or BadRequest."""
+    tasks = data.get("tasks")
+    if not isinstance(tasks, list):
+        raise BadRequest("`tasks` must be a list")
+    return tasks
+
+
 def _json_body():
     """The request's JSON, or BadRequest. orjson, not json: it refuses nesting past 1024 levels
     with a ValueError, where json's recursion would end in a 500."""
@@ -474,9 +482,7 @@ def _offline_routes(app: Flask, sources: list[str], defaults: MediaDefaults, ver
     @app.post("/predict")
     def predict():
         data = body()
-        tasks = data.get("tasks")
-        if not isinstance(tasks, list):
-            raise BadRequest("`tasks` must be a list")
+        tasks = _tasks_of(data)
         config, config_key = _config_from(data)
         results = [predictor.answer(i, task, config, config_key) for i, task in enumerate(tasks)]
         return jsonify(results=results, model_version=version)
@@ -527,9 +533,7 @@ def _service_routes(app: Flask, service, version: str, body, hook_secret: str | 
     @app.post("/predict")
     def predict():
         data = body()
-        tasks = data.get("tasks")
-        if not isinstance(tasks, list):
-            raise BadRequest("`tasks` must be a list")
+        tasks = _tasks_of(data)
         config, _ = _config_from(data)
         project_id = project_id_of(data.get("project"))
         params = service.params(project_id)
