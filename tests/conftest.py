@@ -235,3 +235,31 @@ def ls_env(label_studio, monkeypatch):
     from label_studio_sdk import LabelStudio
 
     return LabelStudio(base_url=url, api_key=token)
+
+
+# ----------------------------------------------------------------------------- a real Redis
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """Debian's redis-server (tests/redis_harness.py), started once per test run."""
+    from redis_harness import RedisServer, require_redis
+
+    require_redis()
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    """A client of the session's Redis, emptied first: each test starts from nothing."""
+    client = redis_server.client()
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()
+
