@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import orjson
 
@@ -52,6 +52,7 @@ log = logging.getLogger("dl2ls.sync")
 
 SKEW = dt.timedelta(minutes=5)  # re-read annotations touched this long before the newest change seen
 EXPORT_AT = 50  # more candidates than this (and a fifth of the dataset): one export, not a read per item
+SUBSET_SIZE = 50_000  # dtlpy's MAX_ITEMS_PER_SUBSET: a larger export is split by item-id ranges
 QUARANTINE_AFTER = 2  # failures in a row before an item waits between tries
 BACKOFF_FIRST, BACKOFF_MAX = 60.0, 24 * 3600.0  # seconds; the wait grows 4x per failure
 
@@ -74,16 +75,60 @@ class RunSummary:
     failed: int = 0
     quarantined: int = 0
     deletions_refused: bool = False
+    subsets: int = 0  # parts handed to jobs of their own (see Subset)
     dataloop_requests: int = 0
     seconds: float = 0.0
     stats: push.Stats = field(default_factory=push.Stats)
 
     def line(self) -> str:
         extra = "".join(f", {name} {value}" for name, value in (("left the scope", self.left_scope),
-                                                                ("quarantined", self.quarantined)) if value)
+                                                                ("quarantined", self.quarantined),
+                                                                ("subsets queued", self.subsets)) if value)
         return (f"sync: items seen {self.seen}, read {self.candidates}, changed {self.changed}, deleted "
                 f"{self.deleted}, failed {self.failed}{extra}; Label Studio: {self.stats.summary()}; "
                 f"{self.dataloop_requests} Dataloop requests; {self.seconds:.1f} s")
+
+
+@dataclass
+class Subset:
+    """A part of one sync's work: the changed items of one item-id range, read with one export of
+    that range (at most SUBSET_SIZE items, as dtlpy splits exports) and written by a job of its own."""
+
+    lo: str
+    hi: str
+    items: list[str]
+
+    def to_json(self) -> dict:
+        return {"lo": self.lo, "hi": self.hi, "items": self.items}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Subset":
+        return cls(str(doc["lo"]), str(doc["hi"]), [str(i) for i in doc.get("items") or []])
+
+    def filters(self) -> list[dict]:
+        return [{"id": {"$gte": self.lo}}, {"id": {"$lte": self.hi}}]
+
+
+def split_subsets(listed: Iterable[str], candidates: Iterable[str], size: int) -> list[Subset]:
+    """Item-id ranges holding at most `size` listed items each (Dataloop sorts and compares ids as
+    text, as dtlpy's ranges do), each with the candidates it holds; ranges without any are left out."""
+    wanted = set(candidates)
+    ids = sorted(listed)
+    out = []
+    for start in range(0, len(ids), max(1, size)):
+        part = ids[start:start + size]
+        mine = [i for i in part if i in wanted]
+        if mine:
+            out.append(Subset(part[0], part[-1], mine))
+    return out
+
+
+def subset_size() -> int:
+    """DL2LS_SUBSET_SIZE, else dtlpy's 50,000."""
+    try:
+        return max(1, int(os.environ.get("DL2LS_SUBSET_SIZE") or SUBSET_SIZE))
+    except ValueError:
+        return SUBSET_SIZE
 
 
 @dataclass
@@ -262,6 +307,194 @@ class State:
             self.db.executemany("DELETE FROM task_record WHERE task_id = ?", gone)
 
 
+class RedisState:
+    """The same memory as `State`, in Redis, so that `dl2ls worker`s on several machines share it.
+
+    Under `{prefix}:state:{project_id}:`: `meta` (key -> value), `items:{scope}` (item id -> its row,
+    as compact JSON), `tasks` (task id -> {"item", "record"}), `task-of` (item -> "task id,task id...",
+    the reverse of `tasks`, for `tasks_of`) and `without` (task id -> when it was last tried). No lock
+    file: the job holds the project's lease; subset jobs of one project still write at once, so each
+    call is one transaction of its own."""
+
+    # a task's record and the reverse index change together, server-side: atomic, and the index
+    # follows the item the record held before, which a MULTI could not read
+    # (ARGV: op, task id, value triples in order; "put" replaces, "add" only when absent, "del" removes)
+    _RECORDS = """
+        local tasks, index = KEYS[1], KEYS[2]
+        local function item_of(value)
+            if not value then return nil end
+            local item = cjson.decode(value)["item"]
+            if type(item) == "string" then return item end
+            return nil
+        end
+        local function unindex(task, item)
+            if item == nil then return end
+            local ids, kept = redis.call("HGET", index, item), {}
+            if not ids then return end
+            for id in string.gmatch(ids, "[^,]+") do
+                if id ~= task then kept[#kept + 1] = id end
+            end
+            if #kept == 0 then
+                redis.call("HDEL", index, item)
+            else
+                redis.call("HSET", index, item, table.concat(kept, ","))
+            end
+        end
+        local function index_it(task, item)
+            if item == nil then return end
+            local ids = redis.call("HGET", index, item)
+            if not ids then
+                redis.call("HSET", index, item, task)
+                return
+            end
+            for id in string.gmatch(ids, "[^,]+") do
+                if id == task then return end
+            end
+            redis.call("HSET", index, item, ids .. "," .. task)
+        end
+        for i = 1, #ARGV, 3 do
+            local op, task, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+            local old = redis.call("HGET", tasks, task)
+            if op == "del" then
+                if old then
+                    unindex(task, item_of(old))
+                    redis.call("HDEL", tasks, task)
+                end
+            elseif op == "put" or not old then
+                if old then unindex(task, item_of(old)) end
+                redis.call("HSET", tasks, task, value)
+                index_it(task, item_of(value))
+            end
+        end
+        return 0
+    """
+    BATCH = 500  # ids per HMGET, fields per HSET/HDEL and per HSCAN page's hint: no giant command or reply
+
+    def __init__(self, redis_client, project_id: int, prefix: str = "dl2ls"):
+        import redis  # Redis mode only
+
+        self.redis = redis_client
+        # for messages: never the client's URL, which may hold a password
+        self.path = f"redis:{prefix}:state:{int(project_id)}"
+        self.key = f"{prefix}:state:{int(project_id)}:"
+        self._records = redis_client.register_script(self._RECORDS)
+        try:
+            redis_client.ping()
+        except redis.RedisError as err:
+            raise StateError(f"cannot reach the state at {self.path}: {err}") from None
+
+    def close(self) -> None:
+        """Nothing to release: the client is the caller's (its pool serves other projects)."""
+
+    def get(self, key: str) -> str | None:
+        return _text(self.redis.hget(self.key + "meta", key))
+
+    def items(self, scope: str) -> dict[str, ItemRow]:
+        """The items this scope wrote, paged (HSCAN): a scope may hold hundreds of thousands."""
+        out = {}
+        for item, value in self.redis.hscan_iter(self.key + f"items:{scope}", count=self.BATCH * 2):
+            item = _text(item)
+            updated_at, annotations, digest, versions, failures, retry_at, last_error = orjson.loads(value)
+            out[item] = ItemRow(item, updated_at, annotations, digest, versions, scope, failures or 0,
+                                retry_at or 0.0, last_error)
+        return out
+
+    def commit(self, rows: list[ItemRow], forget: list[tuple[str, str]] = (),
+               meta: dict[str, str] | None = None) -> None:
+        """Rows to keep and (scope, item id) pairs to forget, in one transaction (MULTI/EXEC); a row
+        also forgotten is kept, as in `State`."""
+        gone: dict[str, list[str]] = {}
+        for scope, item in forget:
+            gone.setdefault(scope, []).append(item)
+        kept: dict[str, dict[str, bytes]] = {}
+        for r in rows:
+            kept.setdefault(r.scope, {})[r.item_id] = orjson.dumps(
+                [r.updated_at, r.annotations, r.content_hash, r.versions, r.failures, r.retry_at, r.last_error])
+        with self.redis.pipeline(transaction=True) as pipe:
+            if meta:
+                pipe.hset(self.key + "meta", mapping=meta)
+            for scope, items in gone.items():
+                for i in range(0, len(items), self.BATCH):
+                    pipe.hdel(self.key + f"items:{scope}", *items[i:i + self.BATCH])
+            for scope, fields in kept.items():
+                pairs = list(fields.items())
+                for i in range(0, len(pairs), self.BATCH):
+                    pipe.hset(self.key + f"items:{scope}", mapping=dict(pairs[i:i + self.BATCH]))
+            pipe.execute()
+
+    def with_records(self, tasks: Iterable[push.ExistingTask]) -> Iterator[push.ExistingTask]:
+        """As `State.with_records`: a task's own meta record, where it has one, still wins."""
+        batch: list[push.ExistingTask] = []
+
+        def flush() -> Iterator[push.ExistingTask]:
+            values = self.redis.hmget(self.key + "tasks", [t.id for t in batch]) if batch else []
+            for task, value in zip(batch, values):
+                if value is not None and not task.recorded:
+                    task.meta = {**task.meta, push.META_KEY: orjson.loads(value)["record"]}
+                yield task
+
+        for task in tasks:
+            batch.append(task)
+            if len(batch) >= self.BATCH:
+                yield from flush()
+                batch = []
+        yield from flush()
+
+    def _values(self, name: str, fields: Iterable) -> Iterator[tuple]:
+        """(field, value or None) of hash `name`, HMGET a few hundred fields at a time."""
+        wanted = list(fields)
+        for i in range(0, len(wanted), self.BATCH):
+            chunk = wanted[i:i + self.BATCH]
+            yield from zip(chunk, self.redis.hmget(self.key + name, chunk))
+
+    def tasks_of(self, items: Iterable[str]) -> dict[str, int]:
+        """item -> the task dl2ls recorded writing it on; of several, the highest id (what `State`'s
+        table scan gives)."""
+        found = self._values("task-of", (i for i in items if i is not None))
+        return {item: max(int(t) for t in _text(ids).split(",")) for item, ids in found if ids}
+
+    def written_to(self, task_ids: Iterable[int]) -> set[int]:
+        """Those of these tasks dl2ls wrote on, or was about to (see `intend`)."""
+        return {t for t, value in self._values("tasks", [int(t) for t in task_ids]) if value is not None}
+
+    def intend(self, changes: Iterable[push.Change]) -> None:
+        """As `State.intend`: an empty record where the task has none (an existing one stays)."""
+        self._change_records([("add", c.task_id, {"item": c.item, "record": {}}) for c in changes
+                              if c.task_id is not None])
+
+    def without_item(self, task_ids: Iterable[int], now: float | None = None) -> None:
+        """Tasks no Dataloop item fits (yet): the catch-up leaves them alone for a while."""
+        tried = {int(t): now or time.time() for t in task_ids}
+        if tried:
+            self.redis.hset(self.key + "without", mapping=tried)
+
+    def tried_lately(self, task_ids: Iterable[int], within: float) -> set[int]:
+        since = time.time() - within
+        return {t for t, at in self._values("without", [int(t) for t in task_ids]) if at is not None
+                and float(at) > since}
+
+    def keep_records(self, changes: Iterable[push.Change]) -> None:
+        """What landed on each task, for `with_records` (a deleted task's record goes), and the
+        reverse index with it, in one script run."""
+        changes = list(changes)
+        self._change_records([("put", c.task_id, {"item": c.item, "record": c.record}) for c in changes
+                              if c.task_id is not None and c.record is not None and not c.delete_task]
+                             + [("del", c.task_id, None) for c in changes if c.task_id is not None and c.delete_task])
+
+    def _change_records(self, ops: list[tuple[str, int, dict | None]]) -> None:
+        if not ops:
+            return
+        args: list = []
+        for op, task_id, value in ops:
+            args += [op, int(task_id), b"" if value is None else orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)]
+        self._records(keys=[self.key + "tasks", self.key + "task-of"], args=args)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    """A reply as text, whether or not the client decodes responses itself."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def scope_of(dataset_id: str, filters: list[dict] | None) -> str:
     """What a run looks at: the dataset and the filter, as one short key."""
     text = json.dumps({"dataset": dataset_id, "filter": filters or []}, sort_keys=True)
@@ -286,7 +519,7 @@ def _exported(client: DataloopClient, dataset_id: str, filters: list[dict] | Non
               limits: ReadLimits | None) -> Iterator[dict]:
     """The export's items one at a time, streamed (memory follows one item); an element that is
     over the size limit or not readable is one line in the report, and the rest goes on."""
-    for element in client.export_items(dataset_id, filters, limits=limits):
+    for element in client.export_items(dataset_id, filters, limits=limits or ReadLimits()):
         where = f"dataloop:{dataset_id} export[{element.index}]"
         if element.data is None:
             report.warn(where, element.error or "left out")
@@ -309,9 +542,15 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
              filters: list[dict] | None = None, options: ConvertOptions | None = None,
              defaults: MediaDefaults | None = None, report: Report | None = None,
              allow_mass_delete: bool = False, limits: ReadLimits | None = None,
-             planner_options: dict | None = None, live: Iterable[str] = ()) -> RunSummary:
+             planner_options: dict | None = None, live: Iterable[str] = (),
+             on_subsets: Callable[[list[Subset]], None] | None = None, subset: Subset | None = None) -> RunSummary:
     """One sync. `planner_options`: the Planner's (the service matches by path, creates no task
-    and keeps its records here); `live`: the project's ML backend titles (see Planner.model_version)."""
+    and keeps its records here); `live`: the project's ML backend titles (see Planner.model_version).
+
+    Exports cover at most `subset_size()` items, split by id ranges. `on_subsets`: when the changed
+    items span several ranges, they are handed over (a job each) instead of written here; this run
+    still handles deletions and moves the cursor (an item a subset fails to write has no row, so
+    the next run reads it again). `subset`: a run over one such part only."""
     started, now = time.monotonic(), time.time()
     requests_before = client.counters.requests
     summary = RunSummary()
@@ -330,6 +569,14 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
     except lsconfig.ConfigError as err:
         raise InputError(f"project {project_id}", None, f"its labeling config: {err}") from None
     fingerprint = settings_fingerprint(options, defaults)
+
+    run = _Run(client, pusher, dataset_id, project_id, state, filters, options, defaults, report, limits,
+               allow_mass_delete, planner_options, list(live), project, scope, fingerprint, summary, now)
+    if subset is not None:
+        _run_subset(run, subset)
+        summary.dataloop_requests = client.counters.requests - requests_before
+        summary.seconds = time.monotonic() - started
+        return summary
 
     # 1. what Dataloop has now, and what changed since this scope's cursor
     known = state.items(scope)
@@ -370,19 +617,100 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
     if left:
         state.commit([], forget=[(scope, i) for i in left])  # no longer this scope's; its task stays
 
-    # 2. read the candidates; keep those whose annotations really changed
+    # 2. read the candidates (an export per id range when they are many); keep those whose
+    # annotations really changed
     exported: dict[str, list] = {}
+    size = subset_size()
+    if on_subsets is not None and len(candidates) > size:  # more than one job's share: a job per range
+        ranges = split_subsets(listing, candidates, size)
+        on_subsets(ranges)
+        summary.subsets = len(ranges)
+        candidates = []
     if len(candidates) > max(EXPORT_AT, len(listing) // 5):
-        wanted = set(candidates)
-        for entry in _exported(client, dataset_id, filters, report, limits):
-            key = item_key(entry)
-            if key in wanted:
-                exported[key] = entry.get("annotations") or []
-    changed: list[tuple[str, dict, str]] = []
-    unchanged: list[ItemRow] = []
+        for part in split_subsets(listing, candidates, size):
+            exported.update((key, entry.get("annotations") or [])
+                            for key, entry in _exported_range(client, dataset_id, filters, part, report, limits))
+    read: list[tuple[str, dict]] = []
     for item_id in candidates:
         item = dict(listing[item_id])
         item["annotations"] = in_order(exported[item_id] if item_id in exported else client.item_annotations(item_id))
+        read.append((item_id, item))
+    _write(run, known, listing, read, deleted)
+
+    # 4. the cursor follows Dataloop's clock (the newest updatedAt it showed), not this machine's
+    begun = dt.datetime.now(dt.timezone.utc)
+    latest = max([t for t in newest if t] or [cursor or (begun - SKEW).strftime("%Y-%m-%dT%H:%M:%S.000Z")])
+    state.commit([], meta={"project": str(project_id), f"cursor:{scope}": _minus(latest, SKEW),
+                           f"scope:{scope}": json.dumps({"dataset": dataset_id, "filter": filters or []})})
+    summary.dataloop_requests = client.counters.requests - requests_before
+    summary.seconds = time.monotonic() - started
+    if summary.quarantined:
+        log.warning("%d items quarantined (see the lines above)", summary.quarantined)
+    return summary
+
+
+def _exported_range(client: DataloopClient, dataset_id: str, filters: list[dict] | None, part: Subset,
+                    report: Report, limits: ReadLimits | None) -> Iterator[tuple[str, dict]]:
+    """(id, item) of the export of one id range, for the range's candidates only."""
+    wanted = set(part.items)
+    for entry in _exported(client, dataset_id, list(filters or []) + part.filters(), report, limits):
+        key = item_key(entry)
+        if key in wanted:
+            yield key, entry
+
+
+@dataclass
+class _Run:
+    """What every step of one run reads."""
+
+    client: DataloopClient
+    pusher: push.Pusher
+    dataset_id: str
+    project_id: int
+    state: State
+    filters: list[dict] | None
+    options: ConvertOptions
+    defaults: MediaDefaults
+    report: Report
+    limits: ReadLimits | None
+    allow_mass_delete: bool
+    planner_options: dict | None
+    live: list[str]
+    project: object
+    scope: str
+    fingerprint: str
+    summary: RunSummary
+    now: float
+
+
+def _run_subset(run: _Run, subset: Subset) -> None:
+    """One part of a split sync: its range's export, then the changes as any run writes them. No
+    deletions and no cursor: the run that split the work keeps those."""
+    run.summary.seen = run.summary.candidates = len(subset.items)
+    wanted = set(subset.items)
+    known = {k: v for k, v in run.state.items(run.scope).items() if k in wanted}
+    listing: dict[str, dict] = {}
+    read: list[tuple[str, dict]] = []
+    for item_id, entry in _exported_range(run.client, run.dataset_id, run.filters, subset, run.report, run.limits):
+        item = dict(entry)
+        item["annotations"] = in_order(entry.get("annotations") or [])
+        listing[item_id] = {k: v for k, v in entry.items() if k != "annotations"}
+        read.append((item_id, item))
+    # an item gone from the range since the split is the next full run's to judge
+    _write(run, known, listing, read, [])
+
+
+def _write(run: _Run, known: dict[str, ItemRow], listing: dict[str, dict], read: list[tuple[str, dict]],
+           deleted: list[str]) -> None:
+    """Steps 2 (what really changed) and 3 (plan and write) of a run, over the items `read` (with
+    their annotations) and the `deleted` ones."""
+    pusher, dataset_id, project_id, state = run.pusher, run.dataset_id, run.project_id, run.state
+    options, defaults, report, summary = run.options, run.defaults, run.report, run.summary
+    scope, now = run.scope, run.now
+    planner_options, fingerprint, allow_mass_delete = run.planner_options, run.fingerprint, run.allow_mass_delete
+    changed: list[tuple[str, dict, str]] = []
+    unchanged: list[ItemRow] = []
+    for item_id, item in read:
         digest = content_hash(item, fingerprint)
         row = known.get(item_id)
         if row is not None and row.content_hash == digest:
@@ -475,20 +803,9 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
         push.apply(pusher, project_id, changes(), on_batch=landed)
         for change, why in push.complete_late(pusher, late):
             report.warn(f"dataloop:{dataset_id}/{change.item}", f"Label Studio refused its fps: {why}")
-        version = planner.model_version(project.model_version, summary.stats, live)
+        version = planner.model_version(run.project.model_version, summary.stats, run.live)
         if version:
             pusher.set_model_version(project_id, version)
-
-    # 4. the cursor follows Dataloop's clock (the newest updatedAt it showed), not this machine's
-    begun = dt.datetime.now(dt.timezone.utc)
-    latest = max([t for t in newest if t] or [cursor or (begun - SKEW).strftime("%Y-%m-%dT%H:%M:%S.000Z")])
-    state.commit([], meta={"project": str(project_id), f"cursor:{scope}": _minus(latest, SKEW),
-                           f"scope:{scope}": json.dumps({"dataset": dataset_id, "filter": filters or []})})
-    summary.dataloop_requests = client.counters.requests - requests_before
-    summary.seconds = time.monotonic() - started
-    if summary.quarantined:
-        log.warning("%d items quarantined (see the lines above)", summary.quarantined)
-    return summary
 
 
 def _minus(stamp: str, delta: dt.timedelta) -> str:
