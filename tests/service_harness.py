@@ -72,6 +72,77 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
 
+@dataclass
+class WorkerProcess:
+    """`dl2ls worker` in a child process (its own session), reading REDIS_URL, the stand-in and
+    Label Studio as the service does; `kill()` is a machine going down mid-job: SIGKILL to the
+    worker, its scheduler and its work horse (RQ puts the horse in a process group of its own)."""
+
+    redis_url: str
+    dataloop_url: str
+    dataloop_key: str
+    label_studio_url: str
+    log_path: Path
+    env: dict = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        env = {k: v for k, v in os.environ.items() if k not in ("LABEL_STUDIO_API_KEY", "DL2LS_SOURCE")}
+        env.update({"REDIS_URL": self.redis_url, "DATALOOP_API_URL": self.dataloop_url,
+                    "DATALOOP_API_KEY": self.dataloop_key, "LABEL_STUDIO_URL": self.label_studio_url,
+                    "LOG_LEVEL": "INFO"})
+        env.update(self.env)
+        exe = Path(sys.executable).with_name("dl2ls")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([str(exe), "worker"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        return self
+
+    def descendants(self) -> list[int]:
+        """Every process under the worker (its scheduler, its work horse), from /proc."""
+        parents: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        out, todo = [], [self.proc.pid] if self.proc else []
+        while todo:
+            for child in parents.get(todo.pop(), []):
+                out.append(child)
+                todo.append(child)
+        return out
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            victims = self.descendants()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            for pid in victims:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM (RQ's warm shutdown: the job at hand finishes), then whatever is left killed."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
 def wait_for(check, seconds: float, every: float = 0.25, what: str = "the condition"):
     """Poll `check()` until it returns something truthy; that value, or AssertionError."""
     deadline = time.monotonic() + seconds
@@ -99,4 +170,4 @@ def webhook_registered(ls, project_id: int, service: ServiceProcess) -> bool:
     return any(w.url.startswith(f"{service.url}/webhook?token=") for w in ls.webhooks.list(project=project_id))
 
 
-__all__ = ["CONFIG", "ServiceProcess", "connect", "wait_for", "webhook_registered", "free_port", "stop_process", "wait_http"]
+__all__ = ["CONFIG", "ServiceProcess", "WorkerProcess", "connect", "wait_for", "webhook_registered", "free_port", "stop_process", "wait_http"]

@@ -847,6 +847,34 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
+# ----------------------------------------------------------------------------- worker
+
+
+def cmd_worker(args) -> int:
+    from redis.exceptions import RedisError
+
+    from dl2ls import jobs
+    from dl2ls.report import describe
+
+    names = {"hooks": jobs.HOOKS, "sync": jobs.SYNCS}
+    wanted = [q.strip() for q in args.queues.split(",") if q.strip()]
+    if not wanted or any(q not in names for q in wanted):
+        raise UsageError("--queues: a comma-separated list of hooks and sync")
+    if not os.environ.get("REDIS_URL"):
+        raise UsageError("set REDIS_URL to the Redis the service queues its jobs in (redis://host:6379/0); "
+                         "without it the service runs its jobs itself and needs no worker")
+    if not (os.environ.get("DATALOOP_API_KEY") or (os.environ.get("DATALOOP_USERNAME")
+                                                   and os.environ.get("DATALOOP_PASSWORD"))):
+        raise UsageError("the jobs read Dataloop: set DATALOOP_API_KEY (or DATALOOP_USERNAME and DATALOOP_PASSWORD)")
+    try:
+        jobs.retry_seconds()
+        return jobs.run_worker([names[q] for q in wanted], burst=args.burst, name=args.name, verbose=args.verbose)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    except (OSError, RedisError) as err:
+        raise UsageError(f"Redis at {jobs.safe_url(os.environ['REDIS_URL'])}: {escape(describe(err))}") from None
+
+
 # ----------------------------------------------------------------------------- verify
 
 
@@ -1069,6 +1097,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=int(os.environ.get("PORT", 9090)), help="(default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("worker", help="run the service's jobs from Redis (REDIS_URL), on this machine or any other",
+                       description="Run the jobs a `dl2ls serve` with REDIS_URL queues (pre-annotate new tasks, "
+                                   "sync a project, a subset of a large first sync) on RQ, the job engine Label "
+                                   "Studio itself uses. Start as many as you like, anywhere that reaches Redis, "
+                                   "Dataloop and Label Studio: each takes one job at a time, hooks ahead of syncs; "
+                                   "one project's jobs never overlap (a lease in Redis), except the subsets of one "
+                                   "sync. SIGTERM stops it after the job at hand; a worker killed mid-job has its "
+                                   "job retried by the others. Environment: REDIS_URL (required), DATALOOP_API_KEY "
+                                   "(or DATALOOP_USERNAME/PASSWORD), LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY (when the "
+                                   "token Label Studio sent at /setup cannot be used), DL2LS_DATASET, "
+                                   "DL2LS_MODEL_VERSION, DL2LS_PUBLIC_URL and DL2LS_MEDIA_SECRET as the service has "
+                                   "them, DL2LS_RETRY_SECONDS (backoff, default 15,60,240,960), DL2LS_SUBSET_SIZE "
+                                   "(items per export subset, default 50000).")
+    p.add_argument("--queues", default="hooks,sync", metavar="LIST",
+                   help="which queues, in order of preference: hooks (connect, pre-annotate), sync (syncs and "
+                        "their subsets) (default: %(default)s)")
+    p.add_argument("--burst", action="store_true", help="stop when the queues are empty (scripts, tests)")
+    p.add_argument("--name", help="this worker's name in RQ (default: RQ's, host and pid)")
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("verify", help="check converted tasks frame by frame against the Dataloop source",
                        description="Evaluate every Label Studio result the way the editor does (interpolation, "
                                    "lifespans) on every frame and compare with the Dataloop timeline.")
@@ -1086,7 +1134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 _SECRET_ENV = ("LABEL_STUDIO_API_KEY", "DATALOOP_API_KEY", "DATALOOP_PASSWORD", "BASIC_AUTH_PASS",
-               "DL2LS_MEDIA_SECRET", "DL2LS_DATALOOP_HOOK_SECRET")
+               "DL2LS_MEDIA_SECRET", "DL2LS_DATALOOP_HOOK_SECRET", "REDIS_PASSWORD")
 
 
 def redact_secrets(record: logging.LogRecord) -> bool:

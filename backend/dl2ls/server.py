@@ -397,7 +397,8 @@ def create_app(source: str | list[str] | None = None, model_version: str | None 
         threads = _positive_env("DL2LS_JOB_THREADS")
         service = Service(model_dir or os.environ.get("MODEL_DIR") or "./dl2ls-model", defaults,
                           os.environ.get("DL2LS_DATASET") or None, version, int(threads or 2),
-                          os.environ.get("DL2LS_PUBLIC_URL") or None, (user, password) if user else None)
+                          os.environ.get("DL2LS_PUBLIC_URL") or None, (user, password) if user else None,
+                          redis_url=os.environ.get("REDIS_URL") or None)
         _service_routes(app, service, version, body, hook_secret)
         _media_route(app, service.dataloop)
         app.extensions["dl2ls.service"] = service

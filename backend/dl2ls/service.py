@@ -62,7 +62,7 @@ CHUNK_TASKS = 400  # tasks read, resolved and converted together while the previ
 FIRST_CHUNK = 50
 AHEAD = 2  # chunks prepared at once
 WRITE_BATCH = 500  # predictions in the first bulk write (then up to push.BATCH_TASKS)
-PRIORITY = {"connect": 0, "preannotate": 1, "sync": 2}
+PRIORITY = {"connect": 0, "preannotate": 1, "sync": 2, "subset": 2}
 MATCH_MODES = ("filename", "item-id")
 
 
@@ -181,7 +181,7 @@ def project_id_of(ref: Any) -> int | None:
 
 @dataclass
 class Job:
-    id: int
+    id: int | str  # the embedded list's row id, or RQ's job id
     kind: str
     project_id: int
     payload: dict
@@ -190,6 +190,16 @@ class Job:
 
     def name(self) -> str:
         return f"job {self.id} {self.kind} project {self.project_id}"
+
+
+@dataclass
+class Outcome:
+    """How one run of a job ended: its summary line, or its error and whether retrying can help."""
+
+    line: str | None
+    error: str | None = None
+    final: bool = False
+    seconds: float = 0.0
 
 
 @dataclass
@@ -349,8 +359,9 @@ class ServiceDB:
                 delay: float = 0.0) -> int:
         """Add a job, or merge it into the queued job with its key (a webhook delivered twice, a
         burst of Dataloop hooks, a second press of the button: one job)."""
-        key = f"{kind}:{project_id}"
         payload = payload or {}
+        # one queued job per kind and project (merged), but each subset of a split sync on its own
+        key = f"{kind}:{project_id}" + (f":{payload.get('lo')}" if kind == "subset" else "")
         now = time.time()
         with self.transaction() as db:
             row = db.execute("SELECT id, payload FROM jobs WHERE key = ? AND state = 'queued'", (key,)).fetchone()
@@ -510,9 +521,18 @@ class Service:
 
     def __init__(self, model_dir: str | os.PathLike, defaults: MediaDefaults | None = None,
                  default_dataset: str | None = None, model_version: str = "dataloop", threads: int = 2,
-                 public_url: str | None = None, basic_auth: tuple[str, str] | None = None):
+                 public_url: str | None = None, basic_auth: tuple[str, str] | None = None,
+                 redis_url: str | None = None):
         self.model_dir = Path(model_dir)
-        self.db = ServiceDB(self.model_dir / "dl2ls-service.sqlite3")
+        if redis_url:  # jobs on RQ workers: everything they share lives in Redis (see dl2ls.jobs)
+            from dl2ls.jobs import RedisStore
+
+            self.db: Any = RedisStore(redis_url)
+        else:
+            self.db = ServiceDB(self.model_dir / "dl2ls-service.sqlite3")
+        self.on_rq = bool(redis_url)
+        self.workers = 0
+        self.queue_counts: dict = {}
         self.defaults = defaults or MediaDefaults()
         self.default_params = ProjectParams(dataset=default_dataset, model_version=model_version)
         self.threads = max(1, threads)
@@ -523,6 +543,7 @@ class Service:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.started: int | None = None
+        self.started_pid: int | None = None  # (dl2ls.jobs: the process a worker's Service belongs to)
         self.running: dict[int, Job] = {}
         self.snapshot: dict[int, ProjectRow] = {}
         self.job_counts: dict[str, int] = {}
@@ -555,8 +576,11 @@ class Service:
         try:
             self.snapshot = self.db.projects(self.default_params)
             self.job_counts = self.db.counts()
-        except sqlite3.Error as err:
-            log.error("reading the service state %s: %s", self.db.path, escape(str(err)))
+            if self.on_rq:
+                self.queue_counts = self.db.queue_counts()
+                self.workers = self.db.workers()
+        except Exception as err:  # noqa: BLE001 - SQLite or Redis: /health says so, the next refresh retries
+            log.error("reading the service state %s: %s", self.db.path, escape(describe(err)))
 
     # -- requests (fast: they only write the database) ------------------------------------------
 
@@ -653,6 +677,8 @@ class Service:
             return self.preannotate(job.project_id, job.payload.get("task_ids") or [], told=job.payload.get("tasks"))
         if job.kind == "sync":
             return self.sync(job.project_id)
+        if job.kind == "subset":
+            return self.sync(job.project_id, sync.Subset.from_json(job.payload))
         raise ValueError(f"unknown job kind {job.kind!r}")
 
     def connect(self, project_id: int) -> str:
@@ -733,6 +759,8 @@ class Service:
         return params, conn, project, config
 
     def _state(self, project_id: int) -> sync.State:
+        if self.on_rq:  # shared by workers on every machine; the job's project lease keeps it to one run
+            return sync.RedisState(self.db.client, project_id, prefix=self.db.prefix)
         return sync.State(self.model_dir / "projects" / f"{project_id}.sqlite3")
 
     def preannotate(self, project_id: int, task_ids: list[int], told: list[dict] | None = None) -> str:
@@ -859,23 +887,38 @@ class Service:
                 f"{counts['cached']} cached), {counts['no item']} without an item; Label Studio: {stats.summary()}; "
                 f"{time.monotonic() - started:.1f} s")
 
-    def sync(self, project_id: int) -> str:
+    def sync(self, project_id: int, subset: sync.Subset | None = None) -> str:
+        """A sync of the project; when its changed items span several export subsets, each is
+        queued as a job of its own (`subset`), which RQ workers run side by side."""
         params, conn, project, config = self._project_parts(project_id)
         state = self._state(project_id)
         try:
             report = Report()
+            parts: list[sync.Subset] = []
             summary = sync.run_once(
                 self.dataloop(), conn.pusher, params.dataset, project_id, state, list(params.filters),
                 params.options(config), self.defaults, report,
                 planner_options=planner_options(config, params.match),
-                live=conn.titles)
+                live=conn.titles, on_subsets=parts.extend if subset is None else None, subset=subset)
             for problem in report.problems[:20]:
                 log.warning("project %d: %s", project_id, problem.line())
             written = summary.stats.predictions_created + summary.stats.predictions_replaced
             top = summary.stats.versions.most_common(1)[0][0] if summary.stats.versions else None
+            if subset is not None:
+                self.db.add_counts(project_id, predictions_written=written)
+                if top:
+                    self.db.note(project_id, version=top)
+                return f"subset {subset.lo}..{subset.hi} of " + summary.line()
+            for part in parts:
+                self.db.enqueue("subset", project_id, part.to_json(),
+                                reason=f"{len(part.items)} items of a split sync")
+            if parts:
+                self.wake.set()
             self.db.note(project_id, last_sync=time.time(), last_line=summary.line()[:500],
                          items_behind=summary.failed + summary.quarantined, **({"version": top} if top else {}))
             self.db.add_counts(project_id, predictions_written=written, syncs=1)
+            if parts:  # the subsets write the tasks still without predictions; the next sync catches up
+                return summary.line()
             # tasks Label Studio never told us about (a webhook it did not deliver, a restart), and
             # tasks still without the fps the config reads (a run stopped before it was written)
             waiting: list[push.ExistingTask] = []
@@ -915,10 +958,14 @@ class Service:
             self.started = os.getpid()
             self.running = {}
             self.connections = {}
-            for n in range(self.threads):
-                threading.Thread(target=self._work, name=f"dl2ls-job-{n}", daemon=True).start()
+            if not self.on_rq:
+                for n in range(self.threads):
+                    threading.Thread(target=self._work, name=f"dl2ls-job-{n}", daemon=True).start()
             threading.Thread(target=self._tick, name="dl2ls-scheduler", daemon=True).start()
-        log.info("job runner started: %d threads in process %d", self.threads, os.getpid())
+        if self.on_rq:
+            log.info("jobs go to RQ queues on %s: `dl2ls worker` runs them", self.db.path)
+        else:
+            log.info("job runner started: %d threads in process %d", self.threads, os.getpid())
 
     def _tick(self) -> None:
         """Once a second: due syncs, lease heartbeats, the in-memory view."""
@@ -951,11 +998,13 @@ class Service:
                 continue
             self.run_claimed(job)
 
-    def run_claimed(self, job: Job) -> None:
+    def attempt(self, job: Job) -> "Outcome":
+        """Run a job and classify how it ended: one rule for both executors (this process's
+        runner threads, and RQ workers)."""
         with self.lock:
             self.running[job.id] = job
         started = time.monotonic()
-        error, final = None, False
+        line, error, final = None, None, False
         try:
             line = self.run_job(job)
         except ParamsError as err:  # the connection's settings: no retry helps until /setup changes them
@@ -972,16 +1021,23 @@ class Service:
         finally:
             with self.lock:
                 self.running.pop(job.id, None)
-        outcome = self.db.finish(job, self.owner, error, final)
-        seconds = time.monotonic() - started
+        return Outcome(line, error, final, time.monotonic() - started)
+
+    def log_outcome(self, job: Job, outcome: "Outcome", what_next: str) -> None:
+        """The one log line a job leaves."""
         why = f" ({escape(job.reason)})" if job.reason else ""
-        if error is None:
-            log.info("%s%s: %s", job.name(), why, line)
+        if outcome.error is None:
+            log.info("%s%s: %s", job.name(), why, outcome.line)
         else:
-            log.warning("%s%s: failed after %.1f s (attempt %d): %s; %s", job.name(), why, seconds, job.attempts,
-                        escape(error), outcome)
-            if outcome == "failed":
-                self.db.add_counts(job.project_id, failures=1)
+            log.warning("%s%s: failed after %.1f s (attempt %d): %s; %s", job.name(), why, outcome.seconds,
+                        job.attempts, escape(outcome.error), what_next)
+
+    def run_claimed(self, job: Job) -> None:
+        outcome = self.attempt(job)
+        what_next = self.db.finish(job, self.owner, outcome.error, outcome.final)
+        self.log_outcome(job, outcome, what_next)
+        if outcome.error is not None and what_next == "failed":
+            self.db.add_counts(job.project_id, failures=1)
         self.refresh()
 
     # -- what it shows --------------------------------------------------------------------------
@@ -990,6 +1046,8 @@ class Service:
         return {
             "dataloop": "ok" if self.dataloop_error is None else f"failing: {self.dataloop_error}",
             "jobs": self.job_counts,
+            "executor": ({"rq": self.db.path, "workers": self.workers} if self.on_rq
+                         else {"in-process": self.threads}),
             "projects": {str(p): {"dataset": r.params.dataset, "label_studio": r.connection,
                                   "last_sync": r.last_sync, "jobs_queued": r.jobs_queued,
                                   "items_behind": r.items_behind, "failures": r.failures,
@@ -1025,6 +1083,12 @@ class Service:
                [({"project": r.project_id}, r.predictions_written) for r in rows])
         family("dl2ls_jobs", "gauge", "Jobs in the persisted job list, by state.",
                [({"state": s}, n) for s, n in sorted(self.job_counts.items())])
+        if self.on_rq:
+            family("dl2ls_rq_jobs", "gauge", "Jobs in RQ's queue and registries, by queue and state (failed: "
+                   "kept after their last retry).",
+                   [({"queue": q, "state": s}, n) for (q, s), n in sorted(self.queue_counts.items())])
+            family("dl2ls_rq_workers", "gauge", "RQ workers listening on the service's queues.",
+                   [({}, self.workers)])
         return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,7 @@ Dataloop is a cloud service these tests cannot reach. This Flask app follows the
 request and response shapes exactly (shared/reference/dataloop.md, from Dataloop's OpenAPI
 description and its SDK dtlpy): Bearer JWT auth and POST {gate}/token?default; GET /users/me;
 GET /datasets/{id}; POST /datasets/{id}/query with a DQL body (`$and` of field equalities and
-`$gt`), sorted on `id`, paged by `page`/`pageSize`, answering `{items, totalItemsCount,
+`$gt`/`$gte`/`$lte`, as dtlpy's id ranges use them), sorted on `id`, paged by `page`/`pageSize`, answering `{items, totalItemsCount,
 totalPagesCount, hasNextPage}`; GET /items/{id}; GET /items/{id}/annotations (a plain array);
 POST /datasets/{id}/export -> a command polled with GET /commands/{id} until `success`, whose
 `spec.outputItemId` streams a JSON array of items with their annotations.
@@ -13,7 +13,8 @@ It serves whatever items a test puts in `datasets`, counts every request by rout
 faults on demand: 429 with Retry-After, 503, a dropped connection, an expired token; a cap on the
 page size (at most `page_cap` items per page whatever `pageSize` asks, with `hasNextPage` and
 `totalPagesCount` true to it), or answers without those fields; items keyed by `_id` alone; an
-export download given verbatim (`export_body`: broken elements, truncation).
+export download given verbatim (`export_body`: broken elements, truncation); `latency` seconds
+before every answer, as a distant server has.
 
 It serves media too: `media[item_id]` (bytes, or a Path) is what GET /items/{id}/stream answers
 for that item, with HTTP range requests (206, Content-Range, Accept-Ranges; If-Range, ETag,
@@ -79,6 +80,7 @@ class DataloopStandIn:
         self.media_types: dict[str, str] = {}  # item id -> its Content-Type ("": none sent)
         self.break_stream_after: int | None = None  # a media body's connection breaks after this many bytes
         self.media_rate: float | None = None  # bytes per second a media body is sent at (None: at once)
+        self.latency: float = 0.0  # seconds every request waits before it is answered (a distant server)
         self.started = time.time()
         self.lock = threading.Lock()
         self.app = self._build()
@@ -235,6 +237,8 @@ class DataloopStandIn:
         def faults_and_auth():
             route = request.url_rule.rule if request.url_rule else request.path
             standin.requests[route] += 1
+            if standin.latency:
+                time.sleep(standin.latency)
             with standin.lock:
                 fault = standin.faults.pop(0) if standin.faults else None
             if fault and fault[0] == "429":
@@ -479,7 +483,7 @@ def _key(row: dict) -> str:
 
 def _matches(row: dict, flt: Any) -> bool:
     """The DQL subset dtlpy and dl2ls send: {"$and": [...]}, {"$or": [...]}, {field: value},
-    {field: {"$gt"|"$gte"|"$lt"|"$in"|"$ne": value}}; dotted field names reach into objects."""
+    {field: {"$gt"|"$gte"|"$lt"|"$lte"|"$in"|"$ne": value}}; dotted field names reach into objects."""
     if not flt:
         return True
     if "$and" in flt:
@@ -508,4 +512,4 @@ def _compare(op: str, value: Any, arg: Any) -> bool:
         return value != arg
     if value is None:
         return False
-    return {"$gt": value > arg, "$gte": value >= arg, "$lt": value < arg}.get(op, False)
+    return {"$gt": value > arg, "$gte": value >= arg, "$lt": value < arg, "$lte": value <= arg}.get(op, False)
