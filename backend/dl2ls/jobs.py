@@ -279,14 +279,11 @@ class RedisStore:
             for job_id in job_ids:
                 pipe.hget(f"rq:job:{job_id}", "status")
             statuses = [(s or b"").decode() for s in pipe.execute()]
-        done = [j for j, s in zip(job_ids, statuses) if s in ("", "finished", "failed", "canceled", "stopped")]
-        failed = sum(1 for s in statuses if s in ("failed", "stopped"))
-        if done:
-            with self.client.pipeline() as pipe:
-                pipe.srem(self.key("jobs", project_id), *done)
-                if failed:
-                    pipe.hincrby(self.key("project", project_id), "jobs_failed", failed)
-                pipe.execute()
+        done = [(j, s) for j, s in zip(job_ids, statuses) if s in ("", "finished", "failed", "canceled", "stopped")]
+        for job_id, status in done:
+            # whoever removes it counts it: the service and every worker look
+            if self.client.srem(self.key("jobs", project_id), job_id) and status in ("failed", "stopped"):
+                self.client.hincrby(self.key("project", project_id), "jobs_failed", 1)
         return len(job_ids) - len(done), 0
 
     def note(self, project_id: int, **fields) -> None:
@@ -528,9 +525,17 @@ def _maintain(service: Service, worker, stop: threading.Event) -> None:
             if store.client.set(store.key("cleanup"), socket.gethostname(), nx=True, px=10_000):
                 try:
                     for registry in registries:
-                        for job_id in registry.get_expired_job_ids():
-                            log.warning("job %s: its worker stopped mid-job (no heartbeat): RQ retries it",
-                                        escape(job_id.split(":")[0]))
+                        for entry in registry.get_expired_job_ids():
+                            job_id = entry.split(":")[0]
+                            job = registry.job_class.fetch(job_id, connection=store.client,
+                                                           serializer=registry.serializer) \
+                                if store.client.exists(f"rq:job:{job_id}") else None
+                            left = (job.retries_left or 0) if job is not None else 0
+                            log.warning("job %s (%s): its worker stopped mid-job (no heartbeat for %d s): %s",
+                                        escape(job_id), escape(job.description if job else "?"),
+                                        HEARTBEAT + ABANDONED_AFTER,
+                                        f"retried, {left - 1} retries left after this one" if left > 0
+                                        else f"kept in RQ's failed registry ({registry.name})")
                         registry.cleanup()
                 finally:
                     store.client.delete(store.key("cleanup"))
