@@ -470,7 +470,7 @@ def test_dataloop_hook_off_without_a_secret(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("how", ["query", "header"])
-def test_dataloop_hook_queues_a_sync_for_the_projects_on_its_dataset(service_app, caplog, how):
+def test_dataloop_hook_queues_an_upsert_for_the_projects_on_its_dataset(service_app, caplog, how):
     client, svc = service_app
     caplog.set_level(logging.DEBUG)
     setup_project(client, "3.1700000000", "ds1")
@@ -480,10 +480,17 @@ def test_dataloop_hook_queues_a_sync_for_the_projects_on_its_dataset(service_app
         ("/dataloop/webhook", {"X-Dl2ls-Secret": SECRET})
     r = client.post(url, json=ANNOTATION, headers=headers)
     assert r.status_code == 202 and r.json["projects"] == [3, 6] and r.json["dataset"] == "ds1"
-    assert [(k, p) for k, p, _ in queued(svc, "sync")] == [("sync", 3), ("sync", 6)]
-    r = client.post(url, json={"input": ITEM}, headers=headers)  # a burst: still one sync per project
+    first = ANNOTATION["itemId"]
+    assert [(k, p, j) for k, p, j in queued(svc, "upsert")] == [("upsert", 3, {"items": [first]}),
+                                                                ("upsert", 6, {"items": [first]})]
+    r = client.post(url, json={"input": ITEM}, headers=headers)  # a burst: still one job per project
     assert r.status_code == 202 and r.json["item"] == "item1"
-    assert [(k, p) for k, p, _ in queued(svc, "sync")] == [("sync", 3), ("sync", 6)]
+    assert [(k, p, j) for k, p, j in queued(svc, "upsert")] == [("upsert", 3, {"items": [first]}),
+                                                                ("upsert", 6, {"items": [first]})]
+    client.post(url, json=dict(ANNOTATION, itemId="item2"), headers=headers)  # another item joins the job
+    assert [(k, p, j) for k, p, j in queued(svc, "upsert")] == [("upsert", 3, {"items": ["item1", "item2"]}),
+                                                                ("upsert", 6, {"items": ["item1", "item2"]})]
+    assert queued(svc, "sync") == []
     assert SECRET not in caplog.text
 
 
@@ -492,7 +499,7 @@ def test_dataloop_hook_for_another_dataset_queues_nothing(service_app):
     setup_project(client)
     r = client.post("/dataloop/webhook?secret=" + SECRET, json=dict(ANNOTATION, datasetId="elsewhere"))
     assert r.status_code == 202 and r.json["projects"] == []
-    assert queued(svc, "sync") == []
+    assert queued(svc, "sync") == queued(svc, "upsert") == []
 
 
 @pytest.mark.parametrize("raw", [b"not json", b"[1, 2]", b"{}", b"", b'{"id": 5}'])

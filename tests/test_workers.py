@@ -169,6 +169,20 @@ def test_a_job_finding_its_project_busy_waits_without_failing(store, monkeypatch
     holder.release()
 
 
+def test_hooks_naming_items_are_one_upsert_that_keeps_its_items_until_written(store, monkeypatch):
+    seen = []
+    monkeypatch.setattr(Service, "run_job", lambda self, job: seen.append((job.kind, job.payload)) or "ok")
+    first = store.enqueue("upsert", 4, {"items": ["i1"]})
+    assert store.enqueue("upsert", 4, {"items": ["i2", "i1"]}) == first  # a burst of hooks: one job
+    run_jobs(store)
+    assert seen == [("upsert", {"items": ["i1", "i2"]})]
+    assert store.upserts(4) == []
+    monkeypatch.setattr(Service, "run_job", _failing(DataloopError("Dataloop answered 503")))
+    store.enqueue("upsert", 4, {"items": ["i3"]})
+    run_jobs(store)
+    assert store.upserts(4) == ["i3"]  # its retries (and, after a kill, RQ's) find it still there
+
+
 def test_split_subsets_cover_every_candidate_once():
     listed = [f"{i:024x}" for i in range(10)]
     parts = sync.split_subsets(reversed(listed), listed[1:8], 3)

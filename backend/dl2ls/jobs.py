@@ -10,7 +10,7 @@ the twin of ServiceDB), each project's sync state (`sync.RedisState`), and the j
 
 The rules, as the embedded runner keeps them:
 - keyed: a job's key names its work (`sync:<project>`, `preannotate:<project>:<tasks>`,
-  `subset:<project>:<first id>`); while a job with that key waits in a queue, enqueueing it again
+  `upsert:<project>` with the items hooks named in a set beside it, `subset:<project>:<first id>`); while a job with that key waits in a queue, enqueueing it again
   adds nothing (a webhook delivered twice, a burst of Dataloop hooks). A job that has started
   gives its key up, so a change seen after it began gets a run of its own;
 - one runner per project: a job holds its project's lease in Redis (30 s, renewed every few
@@ -46,7 +46,7 @@ from dl2ls.service import (DEFAULT_EVERY, JOB_ATTEMPTS, Job, ParamsError, Projec
 log = logging.getLogger("dl2ls.jobs")
 
 HOOKS, SYNCS = "dl2ls-hooks", "dl2ls-sync"
-QUEUE_OF = {"connect": HOOKS, "preannotate": HOOKS, "sync": SYNCS, "subset": SYNCS}
+QUEUE_OF = {"connect": HOOKS, "preannotate": HOOKS, "upsert": HOOKS, "sync": SYNCS, "subset": SYNCS}
 QUEUES = (HOOKS, SYNCS)  # a worker takes from the first that has a job: hooks go ahead of syncs
 LEASE = 30.0  # seconds a project's lease outlives its last renewal
 RENEW = 5.0
@@ -316,6 +316,10 @@ class RedisStore:
         payload = payload or {}
         key = job_key(kind, project_id, payload)
         marker = self.key("queued", key)
+        if kind == "upsert" and payload.get("items"):
+            # the items wait in a set: a queued upsert takes every item named until it starts
+            self.client.sadd(self.key("upsert", project_id), *payload["items"])
+            payload = {}
         job_id = f"dl2ls-{kind}-{project_id}-{uuid.uuid4().hex[:12]}"
         if replaces is not None:  # a busy project's job queued again: it keeps its key
             self.client.set(marker, job_id, ex=QUEUED_TTL)
@@ -348,6 +352,14 @@ class RedisStore:
     def started(self, key: str, job_id: str) -> None:
         """The job runs: its key is free for the next change's job."""
         self.client.eval(_GIVE_UP_KEY, 1, self.key("queued", key), job_id)
+
+    def upserts(self, project_id: int) -> list[str]:
+        """The items hooks named for the project (they stay until a run has written them)."""
+        return sorted(i.decode() for i in self.client.smembers(self.key("upsert", project_id)))
+
+    def upserted(self, project_id: int, items: list[str]) -> None:
+        if items:
+            self.client.srem(self.key("upsert", project_id), *items)
 
     def ended(self, project_id: int, job_id: str, payload: dict) -> None:
         with self.client.pipeline() as pipe:
@@ -462,6 +474,8 @@ def perform(kind: str, project_id: int, payload: dict, key: str, reason: str = "
         return f"the project was busy: queued again in {delay:.0f} s"
     try:
         store.started(key, job_id)
+        if kind == "upsert":
+            payload = {"items": store.upserts(project_id)}
         retries_left = rq_job.retries_left if rq_job is not None and rq_job.retries_left is not None else 0
         attempt = JOB_ATTEMPTS - retries_left if rq_job is not None and rq_job.retry_intervals is not None else 1
         job = Job(job_id, kind, project_id, payload, attempts=max(1, attempt), reason=reason)
@@ -469,6 +483,8 @@ def perform(kind: str, project_id: int, payload: dict, key: str, reason: str = "
     finally:
         lease.release()
     if outcome.error is None:
+        if kind == "upsert":  # a retry, even after a kill, finds the items still there
+            store.upserted(project_id, payload["items"])
         store.ended(project_id, job_id, payload)
         service.log_outcome(job, outcome, "")
         return outcome.line or ""

@@ -631,9 +631,12 @@ def _service_routes(app: Flask, service, version: str, body, hook_secret: str | 
             data = None
         item_id, dataset_id, what = dataloop_resource(data)
         projects = service.projects_on_dataset(dataset_id)
+        # an item named: an upsert of it (a burst of hooks is one job); anything else, a sync
+        kind = "upsert" if item_id else "sync"
         for project_id in projects:
-            service.enqueue("sync", project_id, reason=f"Dataloop: {what}")
-        log.info("Dataloop hook: %s -> sync of %s", what, ", ".join(f"project {p}" for p in projects) or "no project")
+            service.enqueue(kind, project_id, {"items": [item_id]} if item_id else None, reason=f"Dataloop: {what}")
+        log.info("Dataloop hook: %s -> %s of %s", what, kind,
+                 ", ".join(f"project {p}" for p in projects) or "no project")
         return jsonify(status="ok", item=item_id, dataset=dataset_id, projects=projects), 202
 
 

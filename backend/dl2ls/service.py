@@ -62,7 +62,8 @@ CHUNK_TASKS = 400  # tasks read, resolved and converted together while the previ
 FIRST_CHUNK = 50
 AHEAD = 2  # chunks prepared at once
 WRITE_BATCH = 500  # predictions in the first bulk write (then up to push.BATCH_TASKS)
-PRIORITY = {"connect": 0, "preannotate": 1, "sync": 2, "subset": 2}
+PRIORITY = {"connect": 0, "preannotate": 1, "upsert": 1, "sync": 2, "subset": 2}
+UPSERT_MAX = 200  # items one upsert writes item by item; more at once (a bulk edit) are a sync's work
 MATCH_MODES = ("filename", "item-id")
 
 
@@ -243,6 +244,8 @@ CREATE TABLE IF NOT EXISTS answered (project_id INTEGER, task_id INTEGER, PRIMAR
 
 def _merge(kind: str, old: dict, new: dict) -> dict:
     """Two queued jobs with one key are one job: a pre-annotation takes both sets of tasks."""
+    if kind == "upsert":
+        return {"items": sorted(set(old.get("items") or []) | set(new.get("items") or []))}
     if kind == "preannotate":
         tasks = {t["id"]: t for t in (old.get("tasks") or []) + (new.get("tasks") or [])}
         return {"task_ids": sorted(set(old.get("task_ids") or []) | set(new.get("task_ids") or [])),
@@ -369,6 +372,8 @@ class ServiceDB:
                 merged = _merge(kind, json.loads(row[1]), payload)
                 if kind == "preannotate":
                     reason = f"{len(merged['task_ids'])} tasks created"
+                elif kind == "upsert":
+                    reason = f"Dataloop: {len(merged['items'])} items changed"
                 db.execute("UPDATE jobs SET payload = ?, not_before = MIN(not_before, ?), reason = ? WHERE id = ?",
                            (json.dumps(merged), now + delay, reason[:200], row[0]))
                 return row[0]
@@ -679,6 +684,8 @@ class Service:
             return self.sync(job.project_id)
         if job.kind == "subset":
             return self.sync(job.project_id, sync.Subset.from_json(job.payload))
+        if job.kind == "upsert":
+            return self.upsert(job.project_id, job.payload.get("items") or [])
         raise ValueError(f"unknown job kind {job.kind!r}")
 
     def connect(self, project_id: int) -> str:
@@ -886,6 +893,34 @@ class Service:
         return (f"{counts['tasks']} tasks: {counts['items']} items from Dataloop ({counts['requests']} requests, "
                 f"{counts['cached']} cached), {counts['no item']} without an item; Label Studio: {stats.summary()}; "
                 f"{time.monotonic() - started:.1f} s")
+
+    def upsert(self, project_id: int, item_ids: list[str]) -> str:
+        """Items a Dataloop hook named, written on the tasks dl2ls keeps them on (its records), with
+        no listing of the dataset or of the project: a few requests per item. An item dl2ls has
+        not written yet, one Dataloop no longer has (a deletion), or a bulk edit of more than
+        UPSERT_MAX items is a sync's work: one is queued (it reads what changed since its cursor)."""
+        if len(item_ids) > UPSERT_MAX:
+            self.db.enqueue("sync", project_id, reason=f"Dataloop: {len(item_ids)} items changed at once")
+            self.wake.set()
+            return f"{len(item_ids)} items: a sync queued instead"
+        params, conn, project, config = self._project_parts(project_id)
+        state = self._state(project_id)
+        try:
+            client = self.dataloop()
+            where = state.tasks_of(item_ids)
+            present = [i for i in item_ids if i in where and client.find_item(i) is not None]
+            others = len(item_ids) - len(present)
+            if others:
+                self.db.enqueue("sync", project_id, reason=f"Dataloop: {others} items new or deleted")
+                self.wake.set()
+            if not present:
+                return f"{len(item_ids)} items: new or deleted, a sync queued"
+            tasks = list(state.with_records(conn.pusher.existing_tasks(project_id,
+                                                                        task_ids=sorted({where[i] for i in present}))))
+            line = self._preannotate(project_id, params, conn, project, config, state, [], tasks)
+            return line + (f"; {others} items new or deleted: a sync queued" if others else "")
+        finally:
+            state.close()
 
     def sync(self, project_id: int, subset: sync.Subset | None = None) -> str:
         """A sync of the project; when its changed items span several export subsets, each is
