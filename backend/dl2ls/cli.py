@@ -1108,11 +1108,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(or DATALOOP_USERNAME/PASSWORD), LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY (when the "
                                    "token Label Studio sent at /setup cannot be used), DL2LS_DATASET, "
                                    "DL2LS_MODEL_VERSION, DL2LS_PUBLIC_URL and DL2LS_MEDIA_SECRET as the service has "
-                                   "them, DL2LS_RETRY_SECONDS (backoff, default 15,60,240,960), DL2LS_SUBSET_SIZE "
+                                   "them, DL2LS_RETRY_SECONDS (the wait before each of the four retries, default "
+                                   "15,60,240,960, or one number for all), DL2LS_SUBSET_SIZE "
                                    "(items per export subset, default 50000).")
     p.add_argument("--queues", default="hooks,sync", metavar="LIST",
-                   help="which queues, in order of preference: hooks (connect, pre-annotate), sync (syncs and "
-                        "their subsets) (default: %(default)s)")
+                   help="which queues, in order of preference: hooks (connect, pre-annotate, upserts after "
+                        "Dataloop's hooks), sync (syncs and their subsets) (default: %(default)s)")
     p.add_argument("--burst", action="store_true", help="stop when the queues are empty (scripts, tests)")
     p.add_argument("--name", help="this worker's name in RQ (default: RQ's, host and pid)")
     p.set_defaults(func=cmd_worker)
@@ -1134,7 +1135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 _SECRET_ENV = ("LABEL_STUDIO_API_KEY", "DATALOOP_API_KEY", "DATALOOP_PASSWORD", "BASIC_AUTH_PASS",
-               "DL2LS_MEDIA_SECRET", "DL2LS_DATALOOP_HOOK_SECRET", "REDIS_PASSWORD")
+               "DL2LS_MEDIA_SECRET", "DL2LS_DATALOOP_HOOK_SECRET")
 
 
 def redact_secrets(record: logging.LogRecord) -> bool:

@@ -13,13 +13,14 @@ The rules, as the embedded runner keeps them:
   `upsert:<project>` with the items hooks named in a set beside it, `subset:<project>:<first id>`); while a job with that key waits in a queue, enqueueing it again
   adds nothing (a webhook delivered twice, a burst of Dataloop hooks). A job that has started
   gives its key up, so a change seen after it began gets a run of its own;
-- one runner per project: a job holds its project's lease in Redis (30 s, renewed every few
-  seconds by the job itself, so it ends with the process that does the work). The subsets of one
+- one runner per project: a job holds its project's lease in Redis (15 s, renewed every 3 s by
+  the job itself, so it ends with the process that does the work). The subsets of one
   sync share it with each other and run side by side; every other job needs it alone. A job that
   finds its project busy is queued again a little later (that is not a failure);
 - failures: retried with backoff (RQ's Retry, 15 s, 1, 4 and 16 min), then left in RQ's failed
   registry; one log line each, counted in /metrics. A worker killed mid-job leaves its job in
-  RQ's started registry without a heartbeat: after 20 s it is retried the same way. Jobs are
+  RQ's started registry without a heartbeat: after 20 s (its lease over by then) it is retried
+  the same way. Jobs are
   idempotent (the planner and the records decide what to write), so a re-run writes nothing twice.
 """
 
@@ -48,14 +49,14 @@ log = logging.getLogger("dl2ls.jobs")
 HOOKS, SYNCS = "dl2ls-hooks", "dl2ls-sync"
 QUEUE_OF = {"connect": HOOKS, "preannotate": HOOKS, "upsert": HOOKS, "sync": SYNCS, "subset": SYNCS}
 QUEUES = (HOOKS, SYNCS)  # a worker takes from the first that has a job: hooks go ahead of syncs
-LEASE = 30.0  # seconds a project's lease outlives its last renewal
-RENEW = 5.0
+LEASE = 15.0  # seconds a project's lease outlives its last renewal: over before RQ retries a dead worker's job
+RENEW = 3.0
 HEARTBEAT = 5  # seconds between a worker's heartbeats on a running job (RQ's job_monitoring_interval)
 ABANDONED_AFTER = 15  # a running job with no heartbeat for HEARTBEAT + this is its dead worker's
 RETRY_SECONDS = (15, 60, 240, 960)
 QUEUED_TTL = 3600  # a queued job's key is given up after this even if the job never started
 JOB_TIMEOUT = {HOOKS: 3600, SYNCS: 6 * 3600}
-BUSY_FIRST, BUSY_MAX = 2.0, 30.0  # a busy project's job waits this long, doubling, before it is tried again
+BUSY_FIRST, BUSY_MAX = 2.0, 15.0  # a busy project's job waits this long, doubling, before it is tried again
 PENDING_TTL = 3600.0  # /predict leaves a task to its queued pre-annotation for at most this long
 
 
@@ -65,9 +66,12 @@ class JobFailed(Exception):
 
 def safe_url(url: str) -> str:
     """A Redis URL fit for logs and /health: no user, no password."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(a Redis URL that cannot be read)"
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
@@ -91,9 +95,10 @@ def retry_seconds() -> list[int]:
         values = [int(float(v)) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError("DL2LS_RETRY_SECONDS: seconds between attempts, comma-separated (15,60,240,960)") from None
-    if not values or any(v < 0 for v in values):
-        raise ValueError("DL2LS_RETRY_SECONDS: seconds between attempts, comma-separated (15,60,240,960)")
-    return values
+    if len(values) not in (1, JOB_ATTEMPTS - 1) or any(v < 0 for v in values):
+        raise ValueError(f"DL2LS_RETRY_SECONDS: one number, or {JOB_ATTEMPTS - 1} comma-separated (15,60,240,960): "
+                         "the seconds before each retry")
+    return values * (JOB_ATTEMPTS - 1) if len(values) == 1 else values
 
 
 def job_key(kind: str, project_id: int, payload: dict) -> str:
@@ -108,6 +113,8 @@ def job_key(kind: str, project_id: int, payload: dict) -> str:
 
 # ----------------------------------------------------------------------------- the project lease
 
+# KEYS: the alone holder (a string), the shared holders (a sorted set: "<group> <token>" -> expiry),
+# the flag of an alone job waiting. ARGV: token, lease ms, "alone" or the shared group, renewal?
 _LEASE_SCRIPT = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
@@ -116,18 +123,29 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 if ARGV[3] == 'alone' then
-  if redis.call('ZCARD', KEYS[2]) > 0 then return 0 end
+  if redis.call('ZCARD', KEYS[2]) > 0 then
+    redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+    return 0
+  end
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-else
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
-  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+  return 1
 end
+local member = ARGV[3] .. ' ' .. ARGV[1]
+if ARGV[4] ~= '1' then
+  if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+  for _, other in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    if string.sub(other, 1, #ARGV[3] + 1) ~= ARGV[3] .. ' ' then return 0 end
+  end
+end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), member)
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
 _RELEASE_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[2] .. ' ' .. ARGV[1])
 return 1
 """
 
@@ -136,25 +154,43 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# the items of a project's upsert, taken by one run (and kept for its retries) while new hooks
+# gather in the project's set for the next run
+_TAKE_UPSERTS = """
+local waiting = redis.call('SMEMBERS', KEYS[1])
+if #waiting > 0 then
+  redis.call('SADD', KEYS[2], unpack(waiting))
+  redis.call('DEL', KEYS[1])
+end
+redis.call('EXPIRE', KEYS[2], 604800)
+return redis.call('SMEMBERS', KEYS[2])
+"""
+
 
 class Lease:
     """One runner per project, across every worker on every machine: a job holds its project's
-    lease `alone`, or (the subsets of one sync) `shared` with jobs that share it. Redis's clock
-    decides expiry, so machines' clocks need not agree. The holder renews it from a thread of its
-    own; a process that dies stops renewing and the lease ends LEASE seconds later."""
+    lease `alone`, or `shared` with the other subsets of the same sync (`group`: the sync's run;
+    subsets of two different syncs never overlap). An alone job that finds the subsets running
+    marks itself waiting, and no further subset starts until it has had its turn, so a long split
+    sync does not hold back pre-annotations and hooks. Redis's clock decides expiry, so machines'
+    clocks need not agree. The holder renews it from a thread of its own; a process that dies
+    stops renewing and the lease ends LEASE seconds later. Every run has a token of its own (a
+    retried RQ job keeps its id: its retry must not pass for the run it replaces)."""
 
-    def __init__(self, client, prefix: str, project_id: int, token: str, shared: bool = False):
+    def __init__(self, client, prefix: str, project_id: int, job_id: str, group: str | None = None):
         self.client = client
-        self.keys = [f"{prefix}:lease:{project_id}", f"{prefix}:lease:{project_id}:shared"]
-        self.token = token
-        self.mode = "shared" if shared else "alone"
+        self.keys = [f"{prefix}:lease:{project_id}", f"{prefix}:lease:{project_id}:shared",
+                     f"{prefix}:lease:{project_id}:waiting"]
+        self.token = f"{job_id}:{uuid.uuid4().hex[:8]}"
+        self.mode = group or "alone"
         self.project_id = project_id
         self.stop = threading.Event()
         self.lost = False
         self.thread: threading.Thread | None = None
 
-    def _take(self) -> bool:
-        return bool(self.client.eval(_LEASE_SCRIPT, 2, *self.keys, self.token, int(LEASE * 1000), self.mode))
+    def _take(self, renewal: bool = False) -> bool:
+        return bool(self.client.eval(_LEASE_SCRIPT, 3, *self.keys, self.token, int(LEASE * 1000), self.mode,
+                                     "1" if renewal else "0"))
 
     def acquire(self, wait: float = 0.0) -> bool:
         """Take the lease, trying for up to `wait` seconds; then keep it until release()."""
@@ -170,7 +206,7 @@ class Lease:
     def _keep(self) -> None:
         while not self.stop.wait(RENEW):
             try:
-                if not self._take() and not self.lost:
+                if not self._take(renewal=True) and not self.lost:
                     self.lost = True
                     log.warning("project %d: this job lost its lease (another job may have taken it)",
                                 self.project_id)
@@ -182,7 +218,7 @@ class Lease:
         if self.thread is not None:
             self.thread.join(timeout=5)
         try:
-            self.client.eval(_RELEASE_SCRIPT, 2, *self.keys, self.token)
+            self.client.eval(_RELEASE_SCRIPT, 2, *self.keys[:2], self.token, self.mode)
         except Exception as err:  # noqa: BLE001 - unreleased, it ends by itself LEASE seconds later
             log.warning("project %d: releasing the lease: %s", self.project_id, escape(describe(err)))
 
@@ -283,7 +319,8 @@ class RedisStore:
         for job_id, status in done:
             # whoever removes it counts it: the service and every worker look
             if self.client.srem(self.key("jobs", project_id), job_id) and status in ("failed", "stopped"):
-                self.client.hincrby(self.key("project", project_id), "jobs_failed", 1)
+                # (one a job's own failure did not count: its worker died on the last attempt)
+                self.add_counts(project_id, jobs_failed=1, failures=1)
         return len(job_ids) - len(done), 0
 
     def note(self, project_id: int, **fields) -> None:
@@ -324,7 +361,12 @@ class RedisStore:
         if replaces is not None:  # a busy project's job queued again: it keeps its key
             self.client.set(marker, job_id, ex=QUEUED_TTL)
         elif not self.client.set(marker, job_id, nx=True, ex=QUEUED_TTL):
-            return (self.client.get(marker) or b"").decode() or job_id
+            waiting = (self.client.get(marker) or b"").decode()
+            status = (self.client.hget(f"rq:job:{waiting}", "status") or b"").decode() if waiting else ""
+            if status in ("queued", "scheduled", "deferred", "started"):
+                return waiting
+            # the key's job is gone (failed before it started, or lost): this one takes the key over
+            self.client.set(marker, job_id, ex=QUEUED_TTL)
         queue = self.queues[QUEUE_OF[kind]]
         count = len(payload.get("task_ids") or payload.get("items") or [])
         what = f"{kind} project {project_id}" + (f" ({count} {'tasks' if kind == 'preannotate' else 'items'})"
@@ -353,13 +395,22 @@ class RedisStore:
         """The job runs: its key is free for the next change's job."""
         self.client.eval(_GIVE_UP_KEY, 1, self.key("queued", key), job_id)
 
-    def upserts(self, project_id: int) -> list[str]:
-        """The items hooks named for the project (they stay until a run has written them)."""
-        return sorted(i.decode() for i in self.client.smembers(self.key("upsert", project_id)))
+    def upserts(self, project_id: int, job_id: str | None = None) -> list[str]:
+        """The items hooks named for the project; with `job_id`, taken by that job (and kept for
+        its retries until it has written them: see `upserted`)."""
+        if job_id is None:
+            return sorted(i.decode() for i in self.client.smembers(self.key("upsert", project_id)))
+        taken = self.client.eval(_TAKE_UPSERTS, 2, self.key("upsert", project_id),
+                                 self.key("upsert", project_id, job_id))
+        return sorted(i.decode() for i in taken)
 
-    def upserted(self, project_id: int, items: list[str]) -> None:
-        if items:
-            self.client.srem(self.key("upsert", project_id), *items)
+    def upserted(self, project_id: int, job_id: str, written: bool) -> None:
+        """The job's items are written, or (it failed for good) back with the project's for the
+        next hook's run."""
+        taken = self.key("upsert", project_id, job_id)
+        if not written:
+            self.client.sunionstore(self.key("upsert", project_id), [self.key("upsert", project_id), taken])
+        self.client.delete(taken)
 
     def ended(self, project_id: int, job_id: str, payload: dict) -> None:
         with self.client.pipeline() as pipe:
@@ -462,11 +513,17 @@ def perform(kind: str, project_id: int, payload: dict, key: str, reason: str = "
 
     rq_job = get_current_job()
     job_id = rq_job.id if rq_job is not None else f"local-{uuid.uuid4().hex[:8]}"
-    service = worker_service()
+    try:
+        service = worker_service()
+    except Exception as err:  # noqa: BLE001 - a worker that cannot build its service: one line, RQ retries
+        log.warning("job %s %s project %d: this worker cannot run jobs: %s", job_id, kind, project_id,
+                    escape(describe(err)))
+        raise JobFailed(describe(err)) from None
     store: RedisStore = service.db
-    lease = Lease(store.client, store.prefix, project_id, job_id, shared=(kind == "subset"))
+    lease = Lease(store.client, store.prefix, project_id, job_id,
+                  group=f"sync {payload.get('run')}" if kind == "subset" else None)
     if not lease.acquire(wait=1.0):
-        delay = min(BUSY_MAX, BUSY_FIRST * 2 ** waited) * random.uniform(0.8, 1.2)
+        delay = min(BUSY_MAX, BUSY_FIRST * 2 ** min(waited, 8)) * random.uniform(0.8, 1.2)
         store.enqueue(kind, project_id, payload, reason, delay=delay, waited=waited + 1, replaces=job_id)
         store.ended(project_id, job_id, {})
         log.debug("job %s %s project %d: another job has the project: again in %.0f s", job_id, kind, project_id,
@@ -475,7 +532,7 @@ def perform(kind: str, project_id: int, payload: dict, key: str, reason: str = "
     try:
         store.started(key, job_id)
         if kind == "upsert":
-            payload = {"items": store.upserts(project_id)}
+            payload = {"items": store.upserts(project_id, job_id)}
         retries_left = rq_job.retries_left if rq_job is not None and rq_job.retries_left is not None else 0
         attempt = JOB_ATTEMPTS - retries_left if rq_job is not None and rq_job.retry_intervals is not None else 1
         job = Job(job_id, kind, project_id, payload, attempts=max(1, attempt), reason=reason)
@@ -483,8 +540,8 @@ def perform(kind: str, project_id: int, payload: dict, key: str, reason: str = "
     finally:
         lease.release()
     if outcome.error is None:
-        if kind == "upsert":  # a retry, even after a kill, finds the items still there
-            store.upserted(project_id, payload["items"])
+        if kind == "upsert":  # (a retry, even after a kill, finds its items still taken)
+            store.upserted(project_id, job_id, written=True)
         store.ended(project_id, job_id, payload)
         service.log_outcome(job, outcome, "")
         return outcome.line or ""
@@ -494,8 +551,10 @@ def perform(kind: str, project_id: int, payload: dict, key: str, reason: str = "
     if more:  # the backoff the job was queued with (RQ's rule: the next of its intervals)
         what_next = f"retried in {rq_job.get_retry_interval()} s"
     else:
+        if kind == "upsert":
+            store.upserted(project_id, job_id, written=False)
         store.ended(project_id, job_id, payload)
-        store.add_counts(project_id, failures=1)
+        store.add_counts(project_id, failures=1, jobs_failed=1)
         what_next = f"failed for good: kept in RQ's failed registry ({QUEUE_OF[kind]})"
     service.log_outcome(job, outcome, what_next)
     raise JobFailed(outcome.error)
@@ -513,8 +572,15 @@ def make_worker_class(simple: bool = False):
         within seconds (RQ's default waits over a minute), and failures logged once: the job has
         already said why in one line, RQ would add the traceback of a JobFailed."""
 
+        stopping: threading.Event | None = None  # set on a stop request: the maintenance stands down
+
         def get_heartbeat_ttl(self, job) -> int:
             return self.job_monitoring_interval + ABANDONED_AFTER
+
+        def request_stop(self, signum, frame):
+            if self.stopping is not None:
+                self.stopping.set()
+            super().request_stop(signum, frame)
 
         def handle_exception(self, job, *exc_info):
             if exc_info and exc_info[0] is not None and not issubclass(exc_info[0], JobFailed):
@@ -538,7 +604,8 @@ def _maintain(service: Service, worker, stop: threading.Event) -> None:
                   for name, q in store.queues.items()]
     while not stop.wait(2.0):
         try:
-            if store.client.set(store.key("cleanup"), socket.gethostname(), nx=True, px=10_000):
+            mine = f"{socket.gethostname()}:{os.getpid()}"
+            if store.client.set(store.key("cleanup"), mine, nx=True, px=10_000):
                 try:
                     for registry in registries:
                         for entry in registry.get_expired_job_ids():
@@ -554,9 +621,11 @@ def _maintain(service: Service, worker, stop: threading.Event) -> None:
                                         else f"kept in RQ's failed registry ({registry.name})")
                         registry.cleanup()
                 finally:
-                    store.client.delete(store.key("cleanup"))
-            if worker.scheduler is not None and (worker.scheduler._process is None
-                                                 or not worker.scheduler._process.is_alive()):
+                    store.client.eval(_GIVE_UP_KEY, 1, store.key("cleanup"), mine)
+            # as RQ's own maintenance does, but every few seconds: a dead worker's scheduler is
+            # replaced within about a minute (RQ's lock); never once this worker is stopping
+            if not stop.is_set() and worker.scheduler is not None and (
+                    worker.scheduler._process is None or not worker.scheduler._process.is_alive()):
                 worker.scheduler.acquire_locks(auto_start=True)
             service.refresh()
             for project_id in store.due_syncs(lambda p: service.params(p).sync_every):
@@ -583,9 +652,11 @@ def run_worker(queues: list[str], burst: bool = False, name: str | None = None, 
     worker = worker_class([store.queues[q] for q in queues], connection=store.client, serializer=JSONSerializer,
                           name=name, job_monitoring_interval=HEARTBEAT)
     stop = threading.Event()
+    worker.stopping = stop
+    keeper = threading.Thread(target=_maintain, args=(maintenance, worker, stop), name="dl2ls-maintenance",
+                              daemon=True)
     if not burst:
-        threading.Thread(target=_maintain, args=(maintenance, worker, stop), name="dl2ls-maintenance",
-                         daemon=True).start()
+        keeper.start()
     # RQ's own lines (one per job taken, done, kept) repeat ours: shown with -v only
     for noisy in ("rq.worker", "rq.job", "rq.queue", "rq.scheduler", "rq.registry"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
@@ -594,4 +665,9 @@ def run_worker(queues: list[str], burst: bool = False, name: str | None = None, 
         worker.work(burst=burst, with_scheduler=True, logging_level="DEBUG" if verbose else "WARNING")
     finally:
         stop.set()
+        if keeper.is_alive():
+            keeper.join(timeout=10)
+        if worker.scheduler is not None and worker.scheduler._process is not None \
+                and worker.scheduler._process.is_alive():
+            worker.stop_scheduler()  # one the maintenance started late: Python would wait for it forever
     return 0

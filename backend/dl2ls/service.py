@@ -930,11 +930,21 @@ class Service:
         try:
             report = Report()
             parts: list[sync.Subset] = []
+            run = os.urandom(4).hex()
+
+            def hand_over(ranges: list[sync.Subset]) -> None:
+                """Queued before the run moves its cursor (see sync.run_once)."""
+                for part in ranges:
+                    self.db.enqueue("subset", project_id, {**part.to_json(), "run": run},
+                                    reason=f"{len(part.items)} items of a split sync")
+                parts.extend(ranges)
+                self.wake.set()
+
             summary = sync.run_once(
                 self.dataloop(), conn.pusher, params.dataset, project_id, state, list(params.filters),
                 params.options(config), self.defaults, report,
                 planner_options=planner_options(config, params.match),
-                live=conn.titles, on_subsets=parts.extend if subset is None else None, subset=subset)
+                live=conn.titles, on_subsets=hand_over if subset is None else None, subset=subset)
             for problem in report.problems[:20]:
                 log.warning("project %d: %s", project_id, problem.line())
             written = summary.stats.predictions_created + summary.stats.predictions_replaced
@@ -944,11 +954,6 @@ class Service:
                 if top:
                     self.db.note(project_id, version=top)
                 return f"subset {subset.lo}..{subset.hi} of " + summary.line()
-            for part in parts:
-                self.db.enqueue("subset", project_id, part.to_json(),
-                                reason=f"{len(part.items)} items of a split sync")
-            if parts:
-                self.wake.set()
             self.db.note(project_id, last_sync=time.time(), last_line=summary.line()[:500],
                          items_behind=summary.failed + summary.quarantined, **({"version": top} if top else {}))
             self.db.add_counts(project_id, predictions_written=written, syncs=1)

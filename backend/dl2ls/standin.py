@@ -14,7 +14,7 @@ faults on demand: 429 with Retry-After, 503, a dropped connection, an expired to
 page size (at most `page_cap` items per page whatever `pageSize` asks, with `hasNextPage` and
 `totalPagesCount` true to it), or answers without those fields; items keyed by `_id` alone; an
 export download given verbatim (`export_body`: broken elements, truncation); `latency` seconds
-before every answer, as a distant server has.
+before every answer, as a distant server has; a query `hold` picks held until `released`.
 
 It serves media too: `media[item_id]` (bytes, or a Path) is what GET /items/{id}/stream answers
 for that item, with HTTP range requests (206, Content-Range, Accept-Ranges; If-Range, ETag,
@@ -45,7 +45,7 @@ from collections import ChainMap, Counter
 from collections.abc import Mapping
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from flask import Flask, jsonify, request
@@ -81,6 +81,9 @@ class DataloopStandIn:
         self.break_stream_after: int | None = None  # a media body's connection breaks after this many bytes
         self.media_rate: float | None = None  # bytes per second a media body is sent at (None: at once)
         self.latency: float = 0.0  # seconds every request waits before it is answered (a distant server)
+        # a query whose body `hold(body)` picks waits until `released` is set (a test stops a job there)
+        self.hold: Callable[[dict], bool] | None = None
+        self.released = threading.Event()
         self.started = time.time()
         self.lock = threading.Lock()
         self.app = self._build()
@@ -294,6 +297,8 @@ class DataloopStandIn:
             if dataset_id not in standin.datasets:
                 return jsonify(message="not found"), 404
             body = request.get_json(force=True)
+            if standin.hold is not None and standin.hold(body) and not standin.released.wait(120):
+                return jsonify(message="held too long"), 503
             resource = body.get("resource", "items")
             items = standin.datasets[dataset_id].values()
             flt = body.get("filter") or {}

@@ -623,6 +623,10 @@ def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, proje
     size = subset_size()
     if on_subsets is not None and len(candidates) > size:  # more than one job's share: a job per range
         ranges = split_subsets(listing, candidates, size)
+        # until its subset writes it, an item counts as unwritten: a subset that never runs leaves
+        # it to the next sync, even once the cursor below has moved past its edit
+        state.commit([ItemRow(i, None, None, None, known[i].versions, scope, known[i].failures, known[i].retry_at,
+                              known[i].last_error) for i in candidates if i in known])
         on_subsets(ranges)
         summary.subsets = len(ranges)
         candidates = []
