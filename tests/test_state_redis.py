@@ -36,6 +36,15 @@ def task(task_id: int, meta: dict | None = None) -> ExistingTask:
     return ExistingTask(task_id, {"dataloop_item_id": f"i{task_id}"}, meta=meta or {})
 
 
+def test_items_of_a_few_reads_only_those(state):
+    state.commit([row(f"i{n}") for n in range(1200)] + [row("i5", scope="s2", digest="other")])
+    assert state.items("s1", only=["i5", "i1199", "missing"]) == {"i5": row("i5"), "i1199": row("i1199")}
+    assert state.items("s1", only=[f"i{n}" for n in range(0, 1200, 2)]) == {f"i{n}": row(f"i{n}")
+                                                                            for n in range(0, 1200, 2)}
+    assert state.items("s2", only=["i5"]) == {"i5": row("i5", scope="s2", digest="other")}
+    assert state.items("s1", only=[]) == {}
+
+
 def test_commit_keeps_rows_forgets_pairs_and_sets_meta(state):
     failing = row("c", digest=None).failed("Label Studio said 400", now=1000.0).failed("again", now=2000.0)
     state.commit([row("a"), row("b", versions=[]), failing], meta={"project": "7", "cursor:s1": "2024-01-01"})

@@ -216,11 +216,15 @@ class State:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
-    def items(self, scope: str) -> dict[str, ItemRow]:
+    def items(self, scope: str, only: Iterable[str] | None = None) -> dict[str, ItemRow]:
         """The items this scope wrote (rows of a state from before scopes count as every scope's,
-        until the scope writes its own)."""
-        rows = self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM item_state WHERE scope IN ('', ?) "
-                               "ORDER BY scope = ''  DESC", (scope,))
+        until the scope writes its own); `only`: of these items alone (a subset's)."""
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM item_state WHERE scope IN ('', ?) "
+        if only is None:
+            with self.lock:
+                rows = self.db.execute(sql + "ORDER BY scope = ''  DESC", (scope,)).fetchall()
+        else:
+            rows = sorted(self._rows_in(sql + "AND item_id IN", only, scope), key=lambda r: r[5] != "")
         return {r[0]: ItemRow(r[0], r[1], r[2], r[3], json.loads(r[4] or "[]"), scope, r[6] or 0, r[7] or 0.0, r[8])
                 for r in rows}
 
@@ -389,10 +393,19 @@ class RedisState:
     def get(self, key: str) -> str | None:
         return _text(self.redis.hget(self.key + "meta", key))
 
-    def items(self, scope: str) -> dict[str, ItemRow]:
-        """The items this scope wrote, paged (HSCAN): a scope may hold hundreds of thousands."""
+    def items(self, scope: str, only: Iterable[str] | None = None) -> dict[str, ItemRow]:
+        """The items this scope wrote, paged (HSCAN): a scope may hold hundreds of thousands;
+        `only`: of these items alone (a subset's)."""
         out = {}
-        for item, value in self.redis.hscan_iter(self.key + f"items:{scope}", count=self.BATCH * 2):
+        if only is not None:
+            wanted = list(only)
+            pairs = ((item, value) for i in range(0, len(wanted), self.BATCH)
+                     for item, value in zip(wanted[i:i + self.BATCH],
+                                            self.redis.hmget(self.key + f"items:{scope}", wanted[i:i + self.BATCH]))
+                     if value is not None)
+        else:
+            pairs = self.redis.hscan_iter(self.key + f"items:{scope}", count=self.BATCH * 2)
+        for item, value in pairs:
             item = _text(item)
             updated_at, annotations, digest, versions, failures, retry_at, last_error = orjson.loads(value)
             out[item] = ItemRow(item, updated_at, annotations, digest, versions, scope, failures or 0,
@@ -692,7 +705,7 @@ def _run_subset(run: _Run, subset: Subset) -> None:
     deletions and no cursor: the run that split the work keeps those."""
     run.summary.seen = run.summary.candidates = len(subset.items)
     wanted = set(subset.items)
-    known = {k: v for k, v in run.state.items(run.scope).items() if k in wanted}
+    known = run.state.items(run.scope, only=wanted)
     listing: dict[str, dict] = {}
     read: list[tuple[str, dict]] = []
     for item_id, entry in _exported_range(run.client, run.dataset_id, run.filters, subset, run.report, run.limits):
