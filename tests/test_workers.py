@@ -125,7 +125,9 @@ def test_an_alone_job_waiting_stops_further_subsets(store):
     running.release()
     assert hook.acquire()
     hook.release()
-    assert subset(3).acquire()
+    third = subset(3)
+    assert third.acquire()
+    third.release()
 
 
 def test_a_lease_ends_with_the_process_that_stopped_renewing_it(store, monkeypatch):
@@ -319,7 +321,8 @@ def test_workers_run_a_split_sync_to_convergence(ls_env, standin, services, work
             return False
 
     wait_for(updated, 30, what="the hooked edit in its task")
-    assert re.search(r"upsert project \d+ \(Dataloop: [^)]*\): 1 tasks: 1 items", "".join(w.log() for w in crew))
+    wait_for(lambda: re.search(r"upsert project \d+ \(Dataloop: [^)]*\): 1 tasks: 1 items",
+                               "".join(w.log() for w in crew)), 10, what="the upsert's line")
 
 
 def test_a_worker_killed_mid_job_leaves_every_prediction_exactly_once(ls_env, standin, services, workers,
@@ -341,10 +344,10 @@ def test_a_worker_killed_mid_job_leaves_every_prediction_exactly_once(ls_env, st
     ls.projects.import_tasks(project.id, request=[{"video": f"/data/local-files/?d=k{sample_item(i)['filename']}",
                                                    "fps": 25} for i in range(n)])
     first = wait_for(lambda: predictions_by_task(ls, project.id), 60, what="the first predictions")
-    busy = [w for q in (jobs.HOOKS, jobs.SYNCS) for w in Worker.all(queue=jobs.RedisStore(redis_server.url).queues[q])
-            if w.get_current_job_id()]
+    queues = jobs.RedisStore(redis_server.url).queues.values()
+    busy = {w.name: w for q in queues for w in Worker.all(queue=q) if w.get_current_job_id()}
     assert len(busy) == 1
-    victim = next(w for w in crew if busy[0].pid == w.proc.pid)
+    victim = next(w for w in crew if next(iter(busy.values())).pid == w.proc.pid)
     victim.kill()  # the worker, its scheduler and its work horse
     standin.released.set()
     assert 0 < len(first) < n

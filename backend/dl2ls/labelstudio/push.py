@@ -445,6 +445,9 @@ class Pusher:
             return f"{what}: 404 not found at {self.url}: no such object there, or LABEL_STUDIO_URL is wrong"
         detail = body.get("detail") if isinstance(body, dict) else None
         errors = body.get("validation_errors") if isinstance(body, dict) else None
+        if isinstance(body, str) and body.lstrip()[:15].lower().startswith(("<!doctype", "<html")):
+            # a server error's page (Django's): its markup says nothing; Label Studio's log does
+            return f"{what}: HTTP {status}: an error page (Label Studio's log says why)"
         text = escape(str(errors or detail or body)[:300])
         return f"{what}: HTTP {status}: {text}"
 
