@@ -34,6 +34,7 @@ log = logging.getLogger("dl2ls.push")
 
 BATCH_BYTES = 8 << 20  # per bulk request: well under the server's request limits
 BATCH_TASKS = 1000  # per request; larger batches cost the server less per task
+PREPARE_THREADS = 4  # tasks whose old predictions are deleted side by side before a bulk import
 FIRST_BATCH = 100  # batches start small and double: writing starts early and overlaps conversion
 RETRIES = 5  # idempotent requests (reads, deletes, updates) on connection errors, 429 and 5xx
 PAGE_SIZE = 2000  # per task listing page: fewer pages cost the server less per task
@@ -777,7 +778,9 @@ def _write_existing(pusher: Pusher, project_id: int, batch: list[Change]) -> Bat
     every batch, so that no prediction waits for one request per task."""
     refused: list[tuple[Change, str]] = []
     ready: list[Change] = []
-    for change in batch:
+
+    def prepare(change: Change) -> str | None:
+        """Steps 1 and 2 for one task (its own requests in order; tasks side by side)."""
         try:
             if change.data_update is not None and not change.delete_task and not change.data_late:
                 pusher.update_task(change.task_id, data=change.data_update)
@@ -786,9 +789,21 @@ def _write_existing(pusher: Pusher, project_id: int, batch: list[Change]) -> Bat
             elif change.replace_versions:
                 _delete_versions(pusher, change.task_id, set(change.replace_versions))
         except Rejected as err:
-            refused.append((change, str(err)))
-            continue
-        ready.append(change)
+            return str(err)
+        return None
+
+    # one request per task (Label Studio deletes predictions one by one): a few at a time, as
+    # complete_late does, rather than each waiting for the last
+    from concurrent.futures import ThreadPoolExecutor
+
+    busy = [c for c in batch if c.delete_task or c.replace_versions or (c.data_update is not None and not c.data_late)]
+    with ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="dl2ls-prepare") as pool:
+        why = dict(zip(map(id, busy), pool.map(prepare, busy)))
+    for change in batch:
+        if why.get(id(change)) is not None:
+            refused.append((change, why[id(change)]))
+        else:
+            ready.append(change)
 
     def send(part: list[Change], resend: bool) -> None:
         if resend:
