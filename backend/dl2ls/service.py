@@ -765,7 +765,7 @@ class Service:
             raise InputError(f"project {project_id}", None, f"its labeling config: {err}") from None
         return params, conn, project, config
 
-    def _state(self, project_id: int) -> sync.State:
+    def _state(self, project_id: int) -> sync.State | sync.RedisState:
         if self.on_rq:  # shared by workers on every machine; the job's project lease keeps it to one run
             return sync.RedisState(self.db.client, project_id, prefix=self.db.prefix)
         return sync.State(self.model_dir / "projects" / f"{project_id}.sqlite3")

@@ -551,7 +551,7 @@ def _gone(client: DataloopClient, item_id: str) -> bool:
     return client.find_item(item_id) is None
 
 
-def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, project_id: int, state: State,
+def run_once(client: DataloopClient, pusher: push.Pusher, dataset_id: str, project_id: int, state: State | RedisState,
              filters: list[dict] | None = None, options: ConvertOptions | None = None,
              defaults: MediaDefaults | None = None, report: Report | None = None,
              allow_mass_delete: bool = False, limits: ReadLimits | None = None,
@@ -684,7 +684,7 @@ class _Run:
     pusher: push.Pusher
     dataset_id: str
     project_id: int
-    state: State
+    state: State | RedisState
     filters: list[dict] | None
     options: ConvertOptions
     defaults: MediaDefaults
