@@ -35,6 +35,7 @@ log = logging.getLogger("dl2ls.push")
 BATCH_BYTES = 8 << 20  # per bulk request: well under the server's request limits
 BATCH_TASKS = 1000  # per request; larger batches cost the server less per task
 PREPARE_THREADS = 4  # tasks whose old predictions are deleted side by side before a bulk import
+BULK_TIMEOUT = 900.0  # seconds a bulk import is waited for (see Pusher._post_bulk)
 FIRST_BATCH = 100  # batches start small and double: writing starts early and overlaps conversion
 RETRIES = 5  # idempotent requests (reads, deletes, updates) on connection errors, 429 and 5xx
 PAGE_SIZE = 2000  # per task listing page: fewer pages cost the server less per task
@@ -417,6 +418,7 @@ class Pusher:
             raise PushError("LABEL_STUDIO_API_KEY is not set: copy your token from Label Studio's "
                             "Account & Settings page")
         self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=timeout)
+        self.timeout = timeout
         self.options = {"max_retries": RETRIES}
         self.requests = Counter()  # by kind, for summaries and benchmarks
 
@@ -577,10 +579,14 @@ class Pusher:
         http = self.client._client_wrapper.httpx_client
         try:
             # never re-sent by the client: a resend after a lost answer would import twice. A
-            # failed run is finished by the next, which reads what landed first.
+            # failed run is finished by the next, which reads what landed first. Nor given up
+            # early: an overloaded server (SQLite locked by other writers) goes on with a request
+            # whose client has stopped waiting, and the run after it would then read the project
+            # before that import lands, and import again
             response = http.request(path, method="POST", content=b"[" + b",".join(parts) + b"]",
                                     headers={"Content-Type": "application/json"},
-                                    request_options={"max_retries": 0})
+                                    request_options={"max_retries": 0,
+                                                     "timeout_in_seconds": max(BULK_TIMEOUT, self.timeout)})
         except httpx.HTTPError as err:
             raise PushError(f"{what}: cannot reach Label Studio at {self.url} ({type(err).__name__})") from None
         if response.status_code >= 300:
