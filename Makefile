@@ -53,6 +53,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python bench/bench_push.py
 	$(BIN)/python bench/bench_sync.py
 	$(BIN)/python bench/bench_service.py
+	$(BIN)/python bench/bench_workers.py
 	$(BIN)/python bench/bench_media.py
 
 clean:
