@@ -648,6 +648,7 @@ def run_worker(queues: list[str], burst: bool = False, name: str | None = None, 
     # built here, in the main thread: a work horse forked while another thread imports a module
     # would wait forever on that module's lock; this imports everything a job needs first
     maintenance = service_from_env()
+    import label_studio_sdk  # noqa: F401 - loaded lazily by Pusher: here once, not in every forked job
     worker_class = make_worker_class()
     worker = worker_class([store.queues[q] for q in queues], connection=store.client, serializer=JSONSerializer,
                           name=name, job_monitoring_interval=HEARTBEAT)
